@@ -1,0 +1,37 @@
+"""lowrank_kit: training-free low-rank compression of LLMs from pluggable strategies.
+
+    import lowrank_kit
+    result = lowrank_kit.compress("recipes/svd_llm.yaml", target={"ratio": 0.3})
+    model = lowrank_kit.load_pretrained(result.output_dir)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lowrank_kit.hookspecs import hookimpl, hookspec
+from lowrank_kit.strategy import Strategy
+
+__version__ = "0.1.0"
+__all__ = ["Strategy", "__version__", "compress", "hookimpl", "hookspec", "load_pretrained", "load_recipe"]
+
+
+def compress(recipe: Any, overrides: dict[str, Any] | list[str] | None = None, **sections: Any) -> Any:
+    """Run a recipe (a path, a dict, or a Recipe); see ``lowrank_kit.api.compress``."""
+    from lowrank_kit.api import compress as _compress
+
+    return _compress(recipe, overrides, **sections)
+
+
+def load_pretrained(folder: Any, device: Any = "cpu") -> Any:
+    """Load a model saved by ``compress`` (no pickle, no remote code)."""
+    from lowrank_kit.io import load_pretrained as _load
+
+    return _load(folder, device)
+
+
+def load_recipe(path: Any, overrides: Any = None) -> Any:
+    """Read and validate a recipe file without loading any model."""
+    from lowrank_kit.recipe import load
+
+    return load(path, overrides)

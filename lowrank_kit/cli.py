@@ -1,0 +1,124 @@
+"""``lowrank-kit compress | validate | plugins | eval``: the same functions as the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+import yaml
+
+from lowrank_kit.schema import RecipeError, describe_fields
+from lowrank_kit.strategy import HOOK_POINTS, registry
+
+
+def _recipe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="path to a YAML recipe")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override a recipe field, e.g. --set target.ratio=0.3 (repeatable)")
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from lowrank_kit.api import compress
+    from lowrank_kit.report import markdown
+
+    overrides = list(args.overrides)
+    if args.output:
+        overrides.append(f"output.dir={args.output}")
+    result = compress(args.recipe, overrides, overwrite=args.overwrite, progress=not args.quiet)
+    text = markdown(result.report)
+    print(text.split("## Kept rank per module")[0].rstrip())
+    if result.output_dir is not None:
+        print(f"\nsaved to {result.output_dir} (report.md has the rank of every module)")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from lowrank_kit.recipe import load
+
+    recipe = load(args.recipe, args.overrides)
+    print(f"ok: '{recipe.name}' is valid; resolved recipe:\n")
+    print(yaml.safe_dump(recipe.to_dict(), sort_keys=False).rstrip())
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    reg = registry()
+    for point in HOOK_POINTS:
+        print(f"{point}:")
+        for name in reg.names(point):
+            cls = reg.get(point, name)
+            print(f"  {name:<20} {cls.description}")
+            if cls.allowed_targets:
+                print(f"      targets: {', '.join(cls.allowed_targets)}")
+            for field, kind, default, text in describe_fields(cls.Args):
+                print(f"      {field}: {kind} = {default}" + (f"  ({text})" if text else ""))
+            print(f"      from: {reg.sources[(point, name)]}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lowrank_kit.adapters import adapter_for
+    from lowrank_kit.evaluation import evaluate
+    from lowrank_kit.io import WEIGHTS, load_pretrained
+    from lowrank_kit.models import load_model
+    from lowrank_kit.recipe import EvalSpec
+
+    if os.path.isfile(os.path.join(args.model, WEIGHTS)) and os.path.isfile(os.path.join(args.model, "recipe.yaml")):
+        from transformers import AutoTokenizer
+
+        model, tokenizer = load_pretrained(args.model), AutoTokenizer.from_pretrained(args.model)
+    else:
+        model, tokenizer = load_model(args.model)
+    spec = EvalSpec(dataset=args.dataset, seq_len=args.seq_len, max_tokens=args.max_tokens)
+    row = evaluate(model, tokenizer, spec, adapter_for(model).needs_bos)
+    print(f"{row['metric']} on {row['dataset']} ({row['tokens']} tokens, windows of {row['seq_len']}): "
+          f"{row['value']:.3f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowrank-kit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("compress", help="compress a model as a recipe says")
+    _recipe_args(p)
+    p.add_argument("--output", help="output folder (same as --set output.dir=...)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder of ours")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_compress)
+    p = sub.add_parser("validate", help="check a recipe without loading any model")
+    _recipe_args(p)
+    p.set_defaults(func=cmd_validate)
+    p = sub.add_parser("plugins", help="list every strategy with its hook point and arguments")
+    p.set_defaults(func=cmd_plugins)
+    p = sub.add_parser("eval", help="perplexity of a saved compressed model or any model")
+    p.add_argument("model", help="a folder written by compress, a model alias, folder or hub id")
+    p.add_argument("--dataset", default="austen-persuasion")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--max-tokens", type=int, default=8192)
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except RecipeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, NotADirectoryError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written to the output folder", file=sys.stderr)
+        return 130
+
+
+def entry(argv: Any = None) -> None:
+    sys.exit(main(argv))
+
+
+if __name__ == "__main__":
+    entry()

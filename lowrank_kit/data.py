@@ -1,0 +1,108 @@
+"""Calibration and evaluation text through ``datasets``, cut into token windows.
+
+Built-in names point to the Austen novels bundled with the package (see data/PROVENANCE.md);
+local .txt/.json/.jsonl files and hub names (for users who are online) work the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowrank_kit.schema import RecipeError, closest
+
+DATA_DIR = Path(__file__).parent / "data"
+BUILTIN = {
+    "austen-emma": DATA_DIR / "austen_emma.txt",
+    "austen-persuasion": DATA_DIR / "austen_persuasion.txt",
+}
+# Hub datasets: (path, config, split for calibration, split for evaluation, text field).
+HUB = {
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "train", "test", "text"),
+    "c4": ("allenai/c4", "en", "train", "validation", "text"),
+}
+LOCAL_SUFFIXES = {".txt": "text", ".json": "json", ".jsonl": "json"}
+
+
+def check_name(name: str, path: str) -> None:
+    """Fail early (at validation) for a dataset that is neither built in, local, nor on the hub."""
+    if name in BUILTIN or name in HUB:
+        return
+    suffix = Path(name).suffix.lower()
+    if suffix in LOCAL_SUFFIXES:
+        if not Path(name).is_file():
+            raise RecipeError(path, f"no file at '{name}'")
+        return
+    raise RecipeError(
+        path, f"unknown dataset '{name}': use a .txt/.json/.jsonl file or one of; "
+        f"{closest(name, [*BUILTIN, *HUB])}"
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def load_text(name: str, purpose: str = "calibration", text_field: str = "text") -> str:
+    """The whole text of a dataset as one string (documents joined by blank lines)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    if name in BUILTIN or Path(name).suffix.lower() == ".txt":
+        path = BUILTIN.get(name, Path(name))
+        ds = datasets.load_dataset("text", data_files=str(path), sample_by="document", split="train")
+        return "\n\n".join(ds["text"])
+    if Path(name).suffix.lower() in LOCAL_SUFFIXES:
+        ds = datasets.load_dataset("json", data_files=name, split="train")
+        if text_field not in ds.column_names:
+            raise RecipeError("text_field", f"'{name}' has no field '{text_field}'; fields: {ds.column_names}")
+        return "\n\n".join(str(t) for t in ds[text_field])
+    if name in HUB:
+        hub_path, config, calib_split, eval_split, field = HUB[name]
+        split = calib_split if purpose == "calibration" else eval_split
+        ds = datasets.load_dataset(hub_path, config, split=split, streaming=name == "c4")
+        if name == "c4":  # a few thousand documents are plenty for calibration or evaluation
+            ds = ds.take(5000)
+        return "\n\n".join(row[field] for row in ds)
+    check_name(name, "dataset")
+    raise AssertionError("unreachable")
+
+
+def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _bos(tokenizer: Any, needs_bos: bool) -> list[int]:
+    if not needs_bos:
+        return []
+    if tokenizer.bos_token_id is None:
+        raise ValueError("this model needs a BOS token at the start of each window, but its tokenizer has none")
+    return [tokenizer.bos_token_id]
+
+
+def calibration_windows(ids: torch.Tensor, tokenizer: Any, samples: int, seq_len: int, seed: int,
+                        needs_bos: bool = False) -> torch.Tensor:
+    """``samples`` windows of ``seq_len`` tokens at seeded random offsets, [samples, seq_len]."""
+    bos = _bos(tokenizer, needs_bos)
+    length = seq_len - len(bos)
+    if ids.numel() <= length:
+        raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - length, (samples,), generator=generator)
+    rows = [torch.cat([torch.tensor(bos, dtype=torch.long), ids[s : s + length]]) for s in starts.tolist()]
+    return torch.stack(rows)
+
+
+def evaluation_windows(ids: torch.Tensor, tokenizer: Any, seq_len: int, max_tokens: int,
+                       needs_bos: bool = False) -> torch.Tensor:
+    """Consecutive non-overlapping windows over the first ``max_tokens`` tokens, [n, seq_len]."""
+    bos = _bos(tokenizer, needs_bos)
+    length = seq_len - len(bos)
+    count = min(max_tokens, ids.numel()) // length
+    if count == 0:
+        raise ValueError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    body = ids[: count * length].view(count, length)
+    return torch.cat([torch.tensor(bos, dtype=torch.long).expand(count, len(bos)), body], dim=1)

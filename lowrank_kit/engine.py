@@ -1,0 +1,185 @@
+"""The engine: drives the hook points of a recipe over a model.
+
+Pass 1 (dense model, only if the recipe scores anything): collect → score. Then allocate.
+Pass 2, layer by layer: collect the layer's statistics with inputs from the already
+compressed earlier layers, transform it, recompute its outputs for the next layer. Then
+decode, evaluate, save, report. Lightning Fabric places the model and data and runs
+calibration data-parallel when given several devices; statistics are summed across
+processes before any decomposition.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric import Fabric
+
+from lowrank_kit import io, report
+from lowrank_kit.adapters import adapter_for
+from lowrank_kit.callbacks import Callback, ProgressBar
+from lowrank_kit.data import calibration_windows, load_text, tokenize
+from lowrank_kit.evaluation import evaluate
+from lowrank_kit.models import load_model
+from lowrank_kit.recipe import Recipe
+from lowrank_kit.replay import LayerInputs, capture, run_layer
+from lowrank_kit.state import RunState
+from lowrank_kit.stats import Tap
+from lowrank_kit.strategy import run_manager
+
+
+@dataclass
+class Result:
+    """What a run returns: the compressed model (in memory), its tokenizer, report, folder."""
+
+    model: Any
+    tokenizer: Any
+    report: dict[str, Any]
+    output_dir: Path | None
+    run: RunState
+
+
+class Engine:
+    def __init__(self, recipe: Recipe, callbacks: list[Callback] | None = None, overwrite: bool = False,
+                 progress: bool = True):
+        self.recipe = recipe
+        self.callbacks = list(callbacks or []) + ([ProgressBar()] if progress else [])
+        self.overwrite = overwrite or recipe.output.overwrite
+        self.progress = progress
+        self.timings: dict[str, float] = {}
+        self.run_state: RunState | None = None
+
+    def _emit(self, event: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            getattr(callback, event)(self.run_state, *args)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self._emit("on_phase_start", name)
+        start = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - start
+        self.timings[name] = self.timings.get(name, 0.0) + seconds
+        self._emit("on_phase_end", name, seconds)
+
+    def run(self, model: Any = None, tokenizer: Any = None) -> Result:
+        """Compress. A model passed in (e.g. a tiny one in tests) is used instead of loading one."""
+        recipe = self.recipe
+        out_dir = recipe.output_dir()
+        io.check_output_dir(out_dir, self.overwrite)
+        strategies = [choice.build() for choice in recipe.strategies()]
+        pm = run_manager(strategies)
+        fabric = Fabric(accelerator=recipe.runtime.accelerator, devices=recipe.runtime.devices,
+                        precision=recipe.runtime.precision)
+        fabric.launch()
+        with self.phase("load"):
+            if model is None:
+                model, tokenizer = load_model(recipe.model.path, recipe.model.gguf_file, recipe.model.dtype)
+            model.to(fabric.device).eval()
+        run = RunState(recipe=recipe, model=model, tokenizer=tokenizer, adapter=adapter_for(model),
+                       fabric=fabric, calibration=torch.empty(0))
+        self.run_state = run
+        self._emit("on_run_start")
+        dense_params = io.count_params(model)
+        evaluations: dict[str, list[dict[str, Any]]] = {"dense": [], "compressed": []}
+        with self.phase("evaluate dense"):
+            evaluations["dense"] = self._evaluate(run, "dense")
+        with self.phase("calibration data"):
+            ids = tokenize(tokenizer, load_text(recipe.calibration.dataset, "calibration",
+                                                recipe.calibration.text_field))
+            windows = calibration_windows(ids, tokenizer, recipe.calibration.samples, recipe.calibration.seq_len,
+                                          recipe.calibration.seed, run.adapter.needs_bos)
+            run.calibration = windows[fabric.global_rank :: fabric.world_size]
+        run.units = [u for units in pm.hook.lowrank_units(run=run) for u in units]
+        if recipe.score:
+            with self.phase("score"):
+                self._score_pass(run, pm)
+        with self.phase("allocate"):
+            run.plan = pm.hook.lowrank_allocate(run=run, units=run.units)
+            if run.plan is None:
+                raise RuntimeError(f"allocator '{recipe.allocate.plugin}' returned no plan")
+        with self.phase("compress"):
+            self._compress_pass(run, pm)
+        pm.hook.lowrank_decode(run=run, model=model)
+        with self.phase("evaluate compressed"):
+            evaluations["compressed"] = self._evaluate(run, "compressed")
+        partial = None
+        if fabric.global_rank == 0:
+            with self.phase("save"):
+                partial = io.write_model(run, out_dir)
+        rep = report.build(run, dense_params, io.count_params(model), evaluations, self.timings)
+        saved = io.finish(run, partial, out_dir, rep, self.overwrite) if partial is not None else None
+        self._emit("on_run_end", rep)
+        return Result(model=model, tokenizer=tokenizer, report=rep, output_dir=saved, run=run)
+
+    def _evaluate(self, run: RunState, label: str) -> list[dict[str, Any]]:
+        return [
+            evaluate(run.model, run.tokenizer, spec, run.adapter.needs_bos, run.fabric,
+                     desc=f"{label} {spec.metric}", progress=self.progress)
+            for spec in run.recipe.evaluate
+        ]
+
+    def _reduce(self, run: RunState) -> Any:
+        if run.fabric.world_size == 1:
+            return None
+        return lambda t: run.fabric.all_reduce(t, reduce_op="sum")
+
+    def _batches(self, run: RunState) -> Iterator[torch.Tensor]:
+        size = run.recipe.calibration.batch_size
+        for start in range(0, len(run.calibration), size):
+            yield run.calibration[start : start + size].to(run.fabric.device)
+
+    def _score_pass(self, run: RunState, pm: Any) -> None:
+        """Pass 1 on the dense model: gather whole-model statistics, then importances."""
+        tap = Tap()
+        pm.hook.lowrank_collect(run=run, tap=tap, layer=None)
+        for batch in self._batches(run):
+            if tap.backward:
+                with run.fabric.autocast():
+                    loss = run.model(input_ids=batch, labels=batch, use_cache=False).loss
+                run.fabric.backward(loss)
+                tap.backward_done()
+                run.model.zero_grad(set_to_none=True)
+            else:
+                with torch.no_grad(), run.fabric.autocast():
+                    run.model(input_ids=batch, use_cache=False)
+        run.stats.update(tap.close(self._reduce(run)))
+        for scores in pm.hook.lowrank_score(run=run):
+            clash = set(scores) & set(run.scores)
+            if clash:
+                raise RuntimeError(f"two score strategies both scored {sorted(clash)[:3]}")
+            run.scores.update(scores)
+
+    @torch.no_grad()
+    def _compress_pass(self, run: RunState, pm: Any) -> None:
+        """Pass 2: one decoder layer at a time, statistics from compressed predecessors."""
+        layers = run.adapter.layers
+        device = run.fabric.device
+        inputs: list[LayerInputs] = []
+        for batch in self._batches(run):
+            captured = capture(run.model, layers, batch)
+            captured.hidden = captured.hidden.cpu()  # one layer's activations, off the accelerator
+            inputs.append(captured)
+        for index, layer in enumerate(layers):
+            self._emit("on_layer_start", index)
+            tap = Tap()
+            pm.hook.lowrank_collect(run=run, tap=tap, layer=index)
+            if tap.stats:
+                for item in inputs:
+                    with run.fabric.autocast():
+                        run_layer(layer, LayerInputs(item.hidden.to(device), item.kwargs), index)
+            gathered = tap.close(self._reduce(run))
+            run.stats.update(gathered)
+            pm.hook.lowrank_transform(run=run, layer=index)
+            layer = run.adapter.layers[index]  # a transform may have replaced the whole layer
+            for item in inputs:
+                with run.fabric.autocast():
+                    item.hidden = run_layer(layer, LayerInputs(item.hidden.to(device), item.kwargs), index).cpu()
+            for key in gathered:  # a layer's statistics are not needed once it is compressed
+                run.stats.pop(key, None)
+            self._emit("on_layer_end", index)

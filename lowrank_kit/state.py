@@ -1,0 +1,55 @@
+"""The run state: what strategies share. The engine owns it; strategies read and write it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lowrank_kit.adapters import Geometry, ModelAdapter
+from lowrank_kit.plan import RankPlan, Unit
+from lowrank_kit.recipe import Recipe
+from lowrank_kit.stats import Statistic
+
+
+@dataclass
+class RunState:
+    """Statistics, scores and the rank plan of one run, plus the model being compressed.
+
+    Strategies never call each other: a transform reads the plan an allocator wrote, an
+    allocator reads the scores a scorer returned, through this object.
+    """
+
+    recipe: Recipe
+    model: Any
+    tokenizer: Any
+    adapter: ModelAdapter
+    fabric: Any
+    calibration: torch.Tensor  # this process's calibration windows, [n, seq_len]
+    stats: dict[str, Statistic] = field(default_factory=dict)
+    scores: dict[str, float] = field(default_factory=dict)
+    units: list[Unit] = field(default_factory=list)
+    plan: RankPlan | None = None
+    notes: dict[str, Any] = field(default_factory=dict)  # per-strategy facts for the report
+
+    @property
+    def geometry(self) -> Geometry:
+        return self.adapter.geometry
+
+    @property
+    def target_ratio(self) -> float:
+        return self.recipe.target.ratio
+
+    def stat(self, key: str) -> Statistic:
+        if key not in self.stats:
+            raise KeyError(f"statistic '{key}' was not collected; did the strategy request it in lowrank_collect?")
+        return self.stats[key]
+
+    def units_of(self, transform: str, layer: int) -> list[Unit]:
+        return [u for u in self.units if u.transform == transform and u.layer == layer]
+
+    def require_plan(self) -> RankPlan:
+        if self.plan is None:
+            raise RuntimeError("no rank plan: transforms run after the allocator")
+        return self.plan

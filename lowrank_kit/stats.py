@@ -1,0 +1,124 @@
+"""Streaming calibration statistics and the tap that attaches them to modules.
+
+Statistics are sums updated batch by batch (raw activations of all tokens are never kept),
+accumulated in float64 where they feed a decomposition, and summed across processes before
+use, so data-parallel calibration gives the single-process result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+
+class Statistic:
+    """A running sum over calibration tokens. Subclasses define ``update`` and their tensors."""
+
+    def update(self, *tensors: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def sums(self) -> dict[str, torch.Tensor]:
+        """The tensors that add up across data shards (all-reduced with a sum)."""
+        return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+
+    def all_reduce(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        for key, value in self.sums().items():
+            setattr(self, key, reduce(value))
+
+
+class Gram(Statistic):
+    """Σ xᵀx over tokens of a module's input (or output), float64, and the token count."""
+
+    def __init__(self) -> None:
+        self.sum: torch.Tensor | None = None
+        self.count = torch.zeros((), dtype=torch.float64)
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        gram = x.T @ x
+        self.sum = gram if self.sum is None else self.sum + gram
+        self.count = self.count.to(x.device) + x.shape[0]
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        if self.sum is None:
+            raise RuntimeError("statistic saw no calibration data")
+        return self.sum
+
+
+class AbsMean(Statistic):
+    """Σ |x|^p per input channel and the token count (ASVD's activation scale)."""
+
+    def __init__(self, power: float = 1.0) -> None:
+        self.power = power
+        self.sum: torch.Tensor | None = None
+        self.count = torch.zeros((), dtype=torch.float64)
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        part = x.abs().pow(self.power).sum(0)
+        self.sum = part if self.sum is None else self.sum + part
+        self.count = self.count.to(x.device) + x.shape[0]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        assert self.sum is not None, "statistic saw no calibration data"
+        return self.sum / self.count
+
+
+Where = Literal["input", "output", "io"]
+
+
+@dataclass
+class Tap:
+    """Where strategies attach statistics for one calibration pass; the engine owns its life.
+
+    Two strategies asking for the same key share one statistic, so e.g. ``svd_llm`` and
+    ``asvd`` on the same module do not gather XᵀX twice.
+    """
+
+    stats: dict[str, Statistic] = field(default_factory=dict)
+    backward: bool = False  # set by strategies that need gradients (e.g. Fisher)
+    _handles: list[Any] = field(default_factory=list)
+    _after_backward: list[Callable[[], None]] = field(default_factory=list)
+
+    def watch(self, key: str, module: nn.Module, stat: Statistic, where: Where = "input") -> Statistic:
+        """Feed ``stat`` from ``module``'s forward: its first input, its output, or both."""
+        if key in self.stats:
+            return self.stats[key]
+        self.stats[key] = stat
+
+        def hook(_module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            out = output[0] if isinstance(output, tuple) else output
+            if where == "input":
+                stat.update(args[0])
+            elif where == "output":
+                stat.update(out)
+            else:
+                stat.update(args[0], out)
+
+        self._handles.append(module.register_forward_hook(hook))
+        return stat
+
+    def after_backward(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` after each calibration batch's backward pass (gradients are set)."""
+        self.backward = True
+        self._after_backward.append(callback)
+
+    def backward_done(self) -> None:
+        for callback in self._after_backward:
+            callback()
+
+    def close(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Statistic]:
+        """Detach every hook, sum statistics across processes, and hand them over."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if reduce is not None:
+            for stat in self.stats.values():
+                stat.all_reduce(reduce)
+        return self.stats

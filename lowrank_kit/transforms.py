@@ -1,0 +1,77 @@
+"""Shared machinery of transforms that factorise single projections (svd, svd_llm, asvd).
+
+A subclass says which statistics it needs and how to factorise one weight; units, the rank
+lookup in the plan and the module swap live here once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from lowrank_kit.adapters import PROJECTIONS
+from lowrank_kit.hookspecs import hookimpl
+from lowrank_kit.modules import LowRankLinear
+from lowrank_kit.plan import Unit
+from lowrank_kit.stats import Gram, Statistic, Tap
+from lowrank_kit.strategy import Strategy
+
+
+def projection_units(run: Any, transform: str, targets: tuple[str, ...]) -> list[Unit]:
+    """One unit per targeted projection: an m×n matrix at rank r keeps r·(m+n) parameters."""
+    geometry = run.geometry
+    units = []
+    for layer in range(geometry.layers):
+        for projection in targets:
+            out, inp = geometry.dense_shape(projection)
+            units.append(Unit(name=f"layers.{layer}.{projection}", layer=layer, kind=projection,
+                              transform=transform, dense_params=out * inp, rank_cost=out + inp,
+                              max_rank=min(out, inp)))
+    return units
+
+
+class ProjectionFactorization(Strategy):
+    """A transform replacing each targeted projection by a LowRankLinear at its planned rank."""
+
+    point = "transform"
+    allowed_targets: ClassVar[tuple[str, ...]] = PROJECTIONS
+    # Statistic of the projection's input this transform needs; None for data-free transforms.
+    statistic: ClassVar[type[Statistic] | None] = Gram
+
+    def factorize(self, weight: torch.Tensor, stat: Statistic | None, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _pending(self, run: Any, layer: int) -> list[tuple[Unit, int]]:
+        plan = run.require_plan()
+        return [(u, plan.rank(u)) for u in run.units_of(self.name, layer) if not u.is_dense(plan.rank(u))]
+
+    def _key(self, run: Any, layer: int, projection: str) -> str:
+        assert self.statistic is not None
+        return f"{self.statistic.__name__}:{run.adapter.input_site(layer, projection)}"
+
+    @hookimpl
+    def lowrank_units(self, run: Any) -> list[Unit]:
+        return projection_units(run, self.name, self.targets)
+
+    @hookimpl
+    def lowrank_collect(self, run: Any, tap: Tap, layer: int | None) -> None:
+        if layer is None or self.statistic is None:
+            return
+        for unit, _ in self._pending(run, layer):
+            module = run.adapter.projection(layer, unit.kind)
+            tap.watch(self._key(run, layer, unit.kind), module, self.new_statistic())
+
+    def new_statistic(self) -> Statistic:
+        assert self.statistic is not None
+        return self.statistic()
+
+    @hookimpl
+    def lowrank_transform(self, run: Any, layer: int) -> None:
+        for unit, rank in self._pending(run, layer):
+            dense = run.adapter.projection(layer, unit.kind)
+            stat = run.stat(self._key(run, layer, unit.kind)) if self.statistic is not None else None
+            a, b = self.factorize(dense.weight.detach(), stat, rank)
+            bias = dense.bias.detach() if dense.bias is not None else None
+            module = LowRankLinear.from_factors(a.to(dense.weight.dtype), b.to(dense.weight.dtype), bias)
+            run.adapter.replace(layer, unit.kind, module.to(dense.weight.device))

@@ -1,0 +1,78 @@
+"""End to end on tiny models: ratio from real shapes, report, save → load, files left alone."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ByteTokenizer, sample_ids, tiny_model, tiny_recipe
+
+from lowrank_kit import compress, load_pretrained
+from lowrank_kit.modules import LowRankLinear
+from lowrank_kit.report import decoder_linear_params
+from lowrank_kit.schema import RecipeError
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+def test_compress_save_load_gives_equal_logits(tmp_path: Path, family: str) -> None:
+    result = compress(tiny_recipe(tmp_path, "svd_llm", 0.3), model=tiny_model(family),
+                      tokenizer=ByteTokenizer(), progress=False)
+    assert sum(isinstance(m, LowRankLinear) for m in result.model.modules()) > 0
+    out = result.output_dir
+    assert out is not None
+    for name in ("model.safetensors", "config.json", "recipe.yaml", "report.json", "report.md"):
+        assert (out / name).is_file(), name
+    reloaded = load_pretrained(out)
+    ids = sample_ids(n=2, length=32)
+    with torch.no_grad():
+        assert torch.equal(result.model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+
+
+def test_report_ratio_is_counted_from_real_shapes(tmp_path: Path) -> None:
+    model = tiny_model("llama")
+    result = compress(tiny_recipe(tmp_path, "svd", 0.3), model=model, tokenizer=ByteTokenizer(), progress=False)
+    rep = json.loads((result.output_dir / "report.json").read_text())
+    geometry = result.run.geometry
+    kept = decoder_linear_params(result.run.adapter)
+    assert rep["achieved_ratio"] == pytest.approx(1 - kept / geometry.total_linear_params)
+    assert rep["achieved_ratio"] >= 0.3 and abs(rep["achieved_ratio"] - 0.3) < 0.03  # tiny matrices: coarse ranks
+    ranks = {m["unit"]: m["rank"] for m in rep["modules"]}
+    assert model.model.layers[1].mlp.down_proj.rank == ranks["layers.1.down_proj"]
+    assert rep["evaluation"][0]["dense"] > 0 and rep["evaluation"][0]["compressed"] > 0
+    assert set(rep["timings_s"]) >= {"load", "allocate", "compress", "save"}
+    assert "| layers.0.q_proj | svd |" in (result.output_dir / "report.md").read_text()
+
+
+def test_input_model_folder_is_never_modified(tmp_path: Path) -> None:
+    source = tmp_path / "input-model"
+    tiny_model("llama").save_pretrained(source)
+    before = digest(source)
+    recipe = tiny_recipe(tmp_path, "svd_llm", 0.2, model={"path": str(source)})
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source)
+    compress(recipe, model=model, tokenizer=ByteTokenizer(), progress=False)
+    assert digest(source) == before
+    # and the input folder can never be the output folder
+    with pytest.raises(RecipeError, match="not a lowrank-kit output folder"):
+        compress(tiny_recipe(tmp_path, output={"dir": str(source)}), model=model, tokenizer=ByteTokenizer(),
+                 progress=False, overwrite=True)
+    assert digest(source) == before
+
+
+def test_existing_output_needs_overwrite(tmp_path: Path) -> None:
+    recipe = tiny_recipe(tmp_path, "svd", 0.2)
+    compress(recipe, model=tiny_model("llama"), tokenizer=ByteTokenizer(), progress=False)
+    with pytest.raises(RecipeError, match="already exists; pass --overwrite"):
+        compress(recipe, model=tiny_model("llama"), tokenizer=ByteTokenizer(), progress=False)
+    result = compress(recipe, model=tiny_model("llama"), tokenizer=ByteTokenizer(), progress=False, overwrite=True)
+    assert (result.output_dir / "report.json").is_file()
+    assert not list(tmp_path.glob(".out.partial-*"))

@@ -1,0 +1,94 @@
+"""The decompositions: exact at full rank, and the error of a truncation is what the theory says."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FAMILIES, sample_ids, tiny_model
+from lowrank_kit_plugins.svd import Svd
+from lowrank_kit_plugins.svd_llm import SvdLlm
+
+from lowrank_kit.adapters import PROJECTIONS, adapter_for
+from lowrank_kit.linalg import truncated_svd, whitened_factors, whitened_svd
+from lowrank_kit.modules import LowRankLinear
+from lowrank_kit.replay import LayerInputs, capture, run_layer
+from lowrank_kit.stats import Gram, Tap
+
+
+def test_whitened_truncation_error_equals_dropped_singular_values() -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(24, 40, dtype=torch.float64)
+    x = torch.randn(500, 40, dtype=torch.float64) @ torch.randn(40, 40, dtype=torch.float64)  # correlated inputs
+    gram = x.T @ x
+    _, s, _ = whitened_svd(weight, gram)
+    for rank in (1, 5, 17):
+        a, b = whitened_factors(weight, gram, rank)
+        error = ((weight - a @ b) @ x.T).pow(2).sum()
+        assert torch.allclose(error, s[rank:].pow(2).sum(), rtol=1e-8)
+        # and it beats plain SVD on the data, which only minimises the weight error
+        pa, pb = truncated_svd(weight, rank)
+        assert error <= ((weight - pa @ pb) @ x.T).pow(2).sum() + 1e-9
+
+
+def test_whitening_survives_a_singular_gram() -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(8, 16, dtype=torch.float64)
+    x = torch.randn(5, 16, dtype=torch.float64)  # fewer tokens than channels: XᵀX is singular
+    a, b = whitened_factors(weight, x.T @ x, 5)
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    # rank 5 covers the data's span, up to the small shift that made XᵀX factorisable
+    error = (a @ b @ x.T - weight @ x.T).norm() / (weight @ x.T).norm()
+    assert error < 1e-2
+
+
+def test_factors_are_ordered_by_importance() -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(30, 20, dtype=torch.float64)
+    a, b = truncated_svd(weight, 20)
+    norms = (a.norm(dim=0) * b.norm(dim=1)).tolist()
+    assert norms == sorted(norms, reverse=True)
+
+
+def test_active_rank_slice_equals_truncated_model() -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(12, 10, dtype=torch.float64)
+    full = LowRankLinear.from_factors(*truncated_svd(weight, 10), None)
+    small = LowRankLinear.from_factors(*truncated_svd(weight, 4), None)
+    x = torch.randn(3, 10, dtype=torch.float64)
+    full.active_rank = 4
+    assert torch.allclose(full(x), small(x))
+
+
+def _factorize_everything_at_full_rank(model, strategy) -> None:
+    """Gram of every projection input via the engine's replay and tap, then full-rank factors."""
+    adapter = adapter_for(model)
+    layers = adapter.layers
+    inputs = capture(model, layers, sample_ids(n=2, length=40))
+    for index, layer in enumerate(layers):
+        tap = Tap()
+        for proj in PROJECTIONS:
+            tap.watch(proj, adapter.projection(index, proj), Gram())
+        with torch.no_grad():
+            run_layer(layer, inputs, index)
+        stats = tap.close()
+        for proj in PROJECTIONS:
+            dense = adapter.projection(index, proj)
+            rank = min(dense.weight.shape)
+            a, b = strategy.factorize(dense.weight.detach(), stats[proj], rank)
+            adapter.replace(index, proj, LowRankLinear.from_factors(a.float(), b.float(), dense.bias))
+        with torch.no_grad():
+            inputs = LayerInputs(run_layer(layer, inputs, index), inputs.kwargs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("strategy", [Svd(), SvdLlm()], ids=["svd", "svd_llm"])
+def test_full_rank_reproduces_dense_logits(family: str, strategy) -> None:
+    model = tiny_model(family)
+    ids = sample_ids(n=2, length=40, seed=3)
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits
+    _factorize_everything_at_full_rank(model, strategy)
+    assert any(isinstance(m, LowRankLinear) for m in model.modules())
+    with torch.no_grad():
+        compressed = model(input_ids=ids).logits
+    assert torch.allclose(dense, compressed, atol=1e-4), (dense - compressed).abs().max()
