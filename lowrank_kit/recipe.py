@@ -33,7 +33,8 @@ class ModelSpec:
 
 @dataclass
 class DataSpec:
-    dataset: str = _help("austen-emma, austen-persuasion, a .txt/.json/.jsonl file, or wikitext2/c4")
+    dataset: str = _help("austen-emma, austen-persuasion, a .txt/.json/.jsonl file, or wikitext2/c4",
+                         default="austen-emma")
     samples: int = _help("number of calibration windows", default=32)
     seq_len: int = _help("tokens per window", default=512)
     seed: int = _help("seed of the window sampling", default=0)
@@ -191,8 +192,6 @@ def from_data(data: Any, source: str | None = None) -> Recipe:
     if not isinstance(data["name"], str):
         raise RecipeError("name", f"expected a string, got {data['name']!r}")
     sections = {key: from_dict(cls, data.get(key), key) for key, cls in SECTIONS.items()}
-    if "calibration" not in data:
-        sections["calibration"] = DataSpec(dataset="austen-emma")
     evaluate = data.get("evaluate") or []
     if not isinstance(evaluate, list):
         raise RecipeError("evaluate", "expected a list of evaluations")
@@ -263,9 +262,9 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | list[str])
                     raise RecipeError(_path(parts[: i + 1]), "cannot set a key inside a non-mapping")
                 if node.get(part) is None:
                     node[part] = {}
+                elif isinstance(node[part], str):  # "allocate: uniform", then --set allocate.x=1
+                    node[part] = {"plugin": node[part]}
                 node = node[part]
-                if isinstance(node, str):  # "allocate: uniform" then --set allocate.x=1
-                    raise RecipeError(_path(parts[: i + 1]), "is a name; write it as a mapping with 'plugin'")
         last = parts[-1]
         if isinstance(last, int):
             if not isinstance(node, list) or last >= len(node):

@@ -49,9 +49,9 @@ def type_name(tp: Any) -> str:
     """A short human name for a field type, for errors and generated docs."""
     origin = get_origin(tp)
     if origin is Literal:
-        return " | ".join(repr(a) for a in get_args(tp))
+        return " or ".join(repr(a) for a in get_args(tp))
     if origin in (Union, types.UnionType):
-        return " | ".join(type_name(a) for a in get_args(tp))
+        return " or ".join(type_name(a) for a in get_args(tp))
     if origin in (list, tuple):
         args = get_args(tp)
         return f"list[{type_name(args[0])}]" if args else "list"

@@ -109,3 +109,10 @@ def test_cli_reports_one_line_and_exit_code_2(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0
     assert "target.ratio" in proc.stderr
+
+
+def test_recipe_reference_is_up_to_date() -> None:
+    from lowrank_kit.reference import recipe_reference
+
+    doc = Path(__file__).parent.parent / "docs" / "recipes.md"
+    assert doc.read_text() == recipe_reference(), "regenerate: python -m lowrank_kit.reference > docs/recipes.md"
