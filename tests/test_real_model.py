@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +55,17 @@ def test_svd_llm_beats_svd_at_equal_ratio_and_reloads(tmp_path: Path, smollm2: t
     dense = ppl["svd"]["dense"]
     assert 10 < dense < 100  # the dequantised SmolLM2 on Austen: about 37 at 512 tokens
     assert ppl["svd_llm"]["compressed"] < ppl["svd"]["compressed"]
-    assert ppl["svd_llm"]["compressed"] < 3 * dense  # whitening keeps the model usable at 20%
+    # whitening keeps the model usable (plain SVD is in the millions), even with 2k calibration tokens
+    assert ppl["svd_llm"]["compressed"] < 10 * dense
     for r in results.values():
         assert abs(r.report["achieved_ratio"] - 0.2) <= 0.002
     reloaded = load_pretrained(results["svd_llm"].output_dir)
     ids = tokenizer("It was a truth universally acknowledged", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(results["svd_llm"].model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+    # the CLI evaluates the saved folder to the same perplexity as the in-memory run
+    proc = subprocess.run([sys.executable, "-m", "lowrank_kit.cli", "eval", str(results["svd_llm"].output_dir),
+                           "--seq-len", "256", "--max-tokens", "2048"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    printed = float(proc.stdout.strip().rsplit(":", 1)[1])
+    assert printed == pytest.approx(ppl["svd_llm"]["compressed"], rel=1e-3)
