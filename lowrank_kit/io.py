@@ -114,7 +114,7 @@ def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> A
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name, spec in lowrank["modules"].items():
-        _set_module(model, name, build_module(spec).to(dtype))
+        _set_module(model, name, build_module(spec, model.get_submodule(name)).to(dtype))
     model.tie_weights()
     missing, unexpected = load_model(model, str(folder / WEIGHTS), strict=True)
     if missing or unexpected:

@@ -52,18 +52,26 @@ class LowRankLinear(nn.Module):
                 "out_features": self.out_features, "rank": self.rank, "bias": self.bias is not None}
 
 
-def _low_rank_linear(spec: dict[str, Any]) -> nn.Module:
+def _low_rank_linear(spec: dict[str, Any], _dense: nn.Module) -> nn.Module:
     return LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"], spec["bias"])
 
 
-# Module kind → builder of an empty module; new compressed modules register here.
-MODULE_BUILDERS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
+def _value_dim_attention(spec: dict[str, Any], dense: nn.Module) -> nn.Module:
+    from lowrank_kit.attention import rebuild
+
+    return rebuild(spec, dense)
+
+
+# Module kind → builder of an empty compressed module from the dense one it replaces (shapes
+# only, weights are loaded afterwards); new compressed modules register here.
+MODULE_BUILDERS: dict[str, Callable[[dict[str, Any], nn.Module], nn.Module]] = {
     "low_rank_linear": _low_rank_linear,
+    "value_dim_attention": _value_dim_attention,
 }
 
 
-def build_module(spec: dict[str, Any]) -> nn.Module:
+def build_module(spec: dict[str, Any], dense: nn.Module) -> nn.Module:
     kind = spec.get("kind")
     if kind not in MODULE_BUILDERS:
         raise ValueError(f"unknown compressed module kind {kind!r}; known: {sorted(MODULE_BUILDERS)}")
-    return MODULE_BUILDERS[kind](spec)
+    return MODULE_BUILDERS[kind](spec, dense)

@@ -122,3 +122,18 @@ class Tap:
             for stat in self.stats.values():
                 stat.all_reduce(reduce)
         return self.stats
+
+
+class HeadGram(Statistic):
+    """Σ y_gᵀ y_g per head g of a projection's output (e.g. the value states), [G, d_h, d_h] float64."""
+
+    def __init__(self, head_dim: int) -> None:
+        self.head_dim = head_dim
+        self.sum: torch.Tensor | None = None
+        self.count = torch.zeros((), dtype=torch.float64)
+
+    def update(self, y: torch.Tensor) -> None:
+        y = y.detach().reshape(-1, y.shape[-1] // self.head_dim, self.head_dim).to(torch.float64)
+        part = torch.einsum("ngi,ngj->gij", y, y)
+        self.sum = part if self.sum is None else self.sum + part
+        self.count = self.count.to(y.device) + y.shape[0]

@@ -1,0 +1,83 @@
+"""Attention whose value head dim differs from the query/key head dim (head-wise PCA of v/o).
+
+Head-wise PCA shrinks each value head from d_h to r dims: v_proj gets G·r rows and o_proj
+H·r columns, and the value cache shrinks with them. Stock attention modules view the values
+with the query/key head dim, so a compressed attention module gets this class mixed in: same
+parameters and submodules (q/k norms, sliding window, scaling), one forward that views values
+with their own head dim. SDPA accepts a value dim different from the key dim.
+
+This follows the Llama-family attention layout shared by the adapters' architectures (Llama,
+Mistral, Qwen2, Gemma3): rotary embeddings from the decoder, optional q/k norms, a cache
+updated per layer.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
+
+
+class ValueDimAttention:
+    """Mixin placed before the original attention class; ``v_head_dim`` is set per layer."""
+
+    v_head_dim: int
+    # The first ``active_v_dim`` value dims are used when set (progressive decoding slices them).
+    active_v_dim: int | None = None
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: Any = None,
+                attention_mask: torch.Tensor | None = None, past_key_values: Any = None,
+                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        module: Any = self
+        input_shape = hidden_states.shape[:-1]
+        query = module.q_proj(hidden_states).view(*input_shape, -1, module.head_dim).transpose(1, 2)
+        key = module.k_proj(hidden_states).view(*input_shape, -1, module.head_dim).transpose(1, 2)
+        value = module.v_proj(hidden_states).view(*input_shape, -1, self.v_head_dim).transpose(1, 2)
+        if getattr(module, "q_norm", None) is not None:
+            query, key = module.q_norm(query), module.k_norm(key)
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, module.layer_idx)
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager_attention_forward)
+        # Gemma3/Qwen2 modules carry their own window (None on global layers); Mistral reads its config.
+        if hasattr(module, "sliding_window"):
+            window = module.sliding_window
+        else:
+            window = getattr(module.config, "sliding_window", None)
+        output, weights = attend(module, query, key, value, attention_mask, dropout=0.0, scaling=module.scaling,
+                                 sliding_window=window, **kwargs)
+        output = output.reshape(*input_shape, -1).contiguous()
+        return module.o_proj(output), weights
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "value_dim_attention", "v_head_dim": self.v_head_dim}
+
+
+@functools.cache
+def _mixed(cls: type) -> type:
+    return type(f"ValueDim{cls.__name__}", (ValueDimAttention, cls), {})
+
+
+def shrink_values(attention: nn.Module, v_proj: nn.Module, o_proj: nn.Module, v_head_dim: int) -> nn.Module:
+    """Install smaller v/o projections and make the module view values with ``v_head_dim``."""
+    attention.v_proj, attention.o_proj = v_proj, o_proj
+    if not isinstance(attention, ValueDimAttention):
+        attention.__class__ = _mixed(type(attention))
+    attention.v_head_dim = v_head_dim
+    return attention
+
+
+def rebuild(spec: dict[str, Any], attention: nn.Module) -> nn.Module:
+    """Give a freshly built dense attention module the saved value head dim (for loading)."""
+    r = spec["v_head_dim"]
+    v, o = attention.v_proj, attention.o_proj
+    groups = v.out_features // attention.head_dim
+    heads = o.in_features // attention.head_dim
+    new_v = nn.Linear(v.in_features, groups * r, bias=v.bias is not None, dtype=v.weight.dtype)
+    new_o = nn.Linear(heads * r, o.out_features, bias=o.bias is not None, dtype=o.weight.dtype)
+    return shrink_values(attention, new_v, new_o, r)

@@ -1,0 +1,122 @@
+"""Head-wise PCA of value/output (FLAT-LLM §1a): exactness, error = dropped eigenvalues, GQA, cache, I/O."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ByteTokenizer, sample_ids, tiny_model, tiny_recipe
+from lowrank_kit_plugins.headwise_pca import project_heads, value_bases
+
+from lowrank_kit import compress, load_pretrained
+from lowrank_kit.adapters import adapter_for
+from lowrank_kit.attention import ValueDimAttention, shrink_values
+from lowrank_kit.replay import LayerInputs, capture, run_layer
+from lowrank_kit.stats import HeadGram, Tap
+
+
+def compress_values(model, rank: int, ids: torch.Tensor) -> list[dict]:
+    """Head-wise PCA of every layer at ``rank`` with value statistics from ``ids``, layer by layer."""
+    adapter = adapter_for(model)
+    g = adapter.geometry
+    inputs = capture(model, adapter.layers, ids)
+    records = []
+    for index, layer in enumerate(adapter.layers):
+        tap = Tap()
+        stat = tap.watch("v", adapter.projection(index, "v_proj"), HeadGram(g.head_dim), where="output")
+        x: list[torch.Tensor] = []
+        hook = adapter.projection(index, "v_proj").register_forward_hook(lambda m, a, o, x=x: x.append(a[0]))
+        with torch.no_grad():
+            run_layer(layer, inputs, index)
+        hook.remove()
+        tap.close()
+        values, vectors = value_bases(stat.sum)
+        attention = adapter.attention(index)
+        dense_v = attention.v_proj
+        basis = vectors[:, :, :rank]
+        new_v, new_o = project_heads(attention, basis, g.kv_heads, g.heads)
+        shrink_values(attention, new_v, new_o, rank)
+        records.append({"values": values, "basis": basis, "dense_v": dense_v, "new_v": new_v, "x": x[0]})
+        with torch.no_grad():
+            inputs = LayerInputs(run_layer(layer, inputs, index), inputs.kwargs)
+    return records
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3", "mistral"])
+def test_full_value_dim_reproduces_dense_logits(family: str) -> None:
+    model = tiny_model(family)
+    ids = sample_ids(n=2, length=40, seed=3)
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits
+    compress_values(model, adapter_for(model).geometry.head_dim, sample_ids(n=2, length=40, seed=4))
+    assert isinstance(adapter_for(model).attention(0), ValueDimAttention)
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, dense, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_value_error_equals_dropped_eigenvalues(family: str) -> None:
+    model = tiny_model(family).double()
+    rank = 5
+    for rec in compress_values(model, rank, sample_ids(n=2, length=40, seed=4)):
+        with torch.no_grad():
+            dense = rec["dense_v"](rec["x"])  # [.., G·d_h] on exactly the calibration inputs
+            small = rec["new_v"](rec["x"])  # [.., G·r]
+        groups, head_dim = rec["basis"].shape[:2]
+        dense = dense.reshape(-1, groups, head_dim)
+        rebuilt = torch.einsum("gir,ngr->ngi", rec["basis"], small.reshape(-1, groups, rank))
+        error = (dense - rebuilt).pow(2).sum()
+        assert torch.allclose(error, rec["values"][:, rank:].sum(), rtol=1e-6)
+
+
+def test_gqa_each_query_head_uses_its_groups_basis() -> None:
+    """The compressed attention equals dense attention on per-group projected values Q Qᵀ v."""
+    model = tiny_model("llama")  # 4 query heads, 2 KV groups
+    adapter = adapter_for(model)
+    g = adapter.geometry
+    assert g.kv_heads < g.heads
+    attention = adapter.attention(0)
+    torch.manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(g.kv_heads, g.head_dim, g.head_dim, dtype=torch.float64))[0][:, :, :6]
+    reference = tiny_model("llama")
+    ref_attention = adapter_for(reference).attention(0)
+    with torch.no_grad():
+        wv = ref_attention.v_proj.weight.double().view(g.kv_heads, g.head_dim, -1)
+        projector = basis @ basis.transpose(1, 2)  # per group Q Qᵀ
+        projected = torch.einsum("gij,gjd->gid", projector, wv)
+        ref_attention.v_proj.weight.copy_(projected.reshape_as(ref_attention.v_proj.weight))
+    new_v, new_o = project_heads(attention, basis, g.kv_heads, g.heads)
+    shrink_values(attention, new_v, new_o, 6)
+    ids = sample_ids(n=1, length=20)
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_generation_with_a_smaller_value_cache(family: str) -> None:
+    model = tiny_model(family)
+    compress_values(model, 5, sample_ids(n=2, length=40, seed=4))
+    prompt = sample_ids(n=1, length=12, seed=9)
+    out = model.generate(prompt, max_new_tokens=10, do_sample=False, use_cache=True, pad_token_id=257)
+    ids = prompt
+    with torch.no_grad():  # the same tokens without any cache
+        for _ in range(10):
+            ids = torch.cat([ids, model(input_ids=ids, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(out, ids)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+def test_engine_run_saves_and_reloads(tmp_path: Path, family: str) -> None:
+    recipe = tiny_recipe(tmp_path, "headwise_pca", 0.1)
+    result = compress(recipe, model=tiny_model(family), tokenizer=ByteTokenizer(), progress=False)
+    attention = result.run.adapter.attention(0)
+    assert isinstance(attention, ValueDimAttention) and attention.v_head_dim < result.run.geometry.head_dim
+    reloaded = load_pretrained(result.output_dir)
+    ids = sample_ids(n=2, length=32)
+    with torch.no_grad():
+        assert torch.equal(result.model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+    prompt = sample_ids(n=1, length=8)
+    a = result.model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=257)
+    b = reloaded.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=257)
+    assert torch.equal(a, b)
