@@ -52,6 +52,18 @@ class LowRankLinear(nn.Module):
                 "out_features": self.out_features, "rank": self.rank, "bias": self.bias is not None}
 
 
+class ResizedLinear(nn.Linear):
+    """A dense linear layer of a different shape than the config says (e.g. a Nyström-pruned MLP)."""
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "linear", "in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias is not None}
+
+
+def _resized_linear(spec: dict[str, Any], _dense: nn.Module) -> nn.Module:
+    return ResizedLinear(spec["in_features"], spec["out_features"], bias=spec["bias"])
+
+
 def _low_rank_linear(spec: dict[str, Any], _dense: nn.Module) -> nn.Module:
     return LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"], spec["bias"])
 
@@ -66,6 +78,7 @@ def _value_dim_attention(spec: dict[str, Any], dense: nn.Module) -> nn.Module:
 # only, weights are loaded afterwards); new compressed modules register here.
 MODULE_BUILDERS: dict[str, Callable[[dict[str, Any], nn.Module], nn.Module]] = {
     "low_rank_linear": _low_rank_linear,
+    "linear": _resized_linear,
     "value_dim_attention": _value_dim_attention,
 }
 
