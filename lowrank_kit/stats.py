@@ -137,3 +137,20 @@ class HeadGram(Statistic):
         part = torch.einsum("ngi,ngj->gij", y, y)
         self.sum = part if self.sum is None else self.sum + part
         self.count = self.count.to(y.device) + y.shape[0]
+
+
+class AngularChange(Statistic):
+    """Σ over tokens of arccos(clamp(cos(x_in, x_out), 0, 1)) / π for a decoder layer (NaN → 0.5)."""
+
+    def __init__(self) -> None:
+        self.sum = torch.zeros((), dtype=torch.float64)
+        self.count = torch.zeros((), dtype=torch.float64)
+
+    def update(self, x_in: torch.Tensor, x_out: torch.Tensor) -> None:
+        a = x_in.detach().reshape(-1, x_in.shape[-1]).to(torch.float64)
+        b = x_out.detach().reshape(-1, x_out.shape[-1]).to(torch.float64)
+        cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+        angle = torch.arccos(cos.clamp(0.0, 1.0)) / torch.pi
+        angle = torch.nan_to_num(angle, nan=0.5)
+        self.sum = self.sum.to(a.device) + angle.sum()
+        self.count = self.count.to(a.device) + a.shape[0]
