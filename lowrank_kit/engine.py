@@ -145,9 +145,9 @@ class Engine:
                 run.fabric.backward(loss)
                 tap.backward_done()
                 run.model.zero_grad(set_to_none=True)
-            else:
+            else:  # the decoder stack only: statistics never need the vocabulary-sized logits
                 with torch.no_grad(), run.fabric.autocast():
-                    run.model(input_ids=batch, use_cache=False)
+                    run.model.get_decoder()(input_ids=batch, use_cache=False)
         run.stats.update(tap.close(self._reduce(run)))
         for scores in pm.hook.lowrank_score(run=run):
             clash = set(scores) & set(run.scores)
