@@ -42,7 +42,7 @@ def build(run: Any, dense_params: int, compressed_params: int, evaluations: dict
     plan = run.require_plan()
     modules = [
         {"unit": u.name, "kind": u.kind, "transform": u.transform, "rank": plan.rank(u), "max_rank": u.max_rank,
-         "dense": plan.rank(u) >= u.max_rank or u.is_dense(plan.rank(u)),
+         "dense": u.is_dense(plan.rank(u)),
          "params_dense": u.dense_params, "params_kept": u.params(plan.rank(u))}
         for u in run.units
     ]
