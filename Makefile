@@ -4,7 +4,7 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-RECIPE ?= recipes/svd_llm.yaml
+RECIPE ?= recipes/flat_llm.yaml
 # Shared cores: spinning OpenMP threads make torch forwards several times slower.
 export OMP_WAIT_POLICY ?= PASSIVE
 export TOKENIZERS_PARALLELISM ?= false

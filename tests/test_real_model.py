@@ -31,7 +31,7 @@ def smollm2() -> tuple[Any, Any]:
     return load_model("smollm2-135m")
 
 
-def real_recipe(tmp_path: Path, plugin: str, ratio: float) -> dict[str, Any]:
+def real_recipe(tmp_path: Path, plugin: str, ratio: float, **extra: Any) -> dict[str, Any]:
     return {
         "name": f"real-{plugin}",
         "model": {"path": "smollm2-135m"},
@@ -42,6 +42,7 @@ def real_recipe(tmp_path: Path, plugin: str, ratio: float) -> dict[str, Any]:
         "evaluate": [{"dataset": "austen-persuasion", "seq_len": 256, "max_tokens": 2048}],
         "runtime": {"accelerator": "cpu"},
         "output": {"dir": str(tmp_path / plugin)},
+        **extra,
     }
 
 
@@ -69,3 +70,18 @@ def test_svd_llm_beats_svd_at_equal_ratio_and_reloads(tmp_path: Path, smollm2: t
     assert proc.returncode == 0, proc.stderr[-2000:]
     printed = float(proc.stdout.strip().rsplit(":", 1)[1])
     assert printed == pytest.approx(ppl["svd_llm"]["compressed"], rel=1e-3)
+
+
+def test_flat_llm_beats_svd_llm_and_generates_after_reload(tmp_path: Path, smollm2: tuple[Any, Any]) -> None:
+    model, tokenizer = smollm2
+    flat = compress(real_recipe(tmp_path, "flat", 0.2, score="angular_importance", allocate="iprs",
+                                transform=[{"plugin": "headwise_pca"}, {"plugin": "nystrom"}]),
+                    model=copy.deepcopy(model), tokenizer=tokenizer, progress=False)
+    svd_llm = compress(real_recipe(tmp_path, "svd_llm", 0.2), model=copy.deepcopy(model), tokenizer=tokenizer,
+                       progress=False)
+    assert abs(flat.report["achieved_ratio"] - 0.2) <= 0.002
+    assert flat.report["evaluation"][0]["compressed"] < svd_llm.report["evaluation"][0]["compressed"]
+    reloaded = load_pretrained(flat.output_dir)
+    prompt = tokenizer("Anne Elliot walked to the window and", return_tensors="pt").input_ids
+    kwargs = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": tokenizer.eos_token_id}
+    assert torch.equal(flat.model.generate(prompt, **kwargs), reloaded.generate(prompt, **kwargs))
