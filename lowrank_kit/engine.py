@@ -157,29 +157,39 @@ class Engine:
 
     @torch.no_grad()
     def _compress_pass(self, run: RunState, pm: Any) -> None:
-        """Pass 2: one decoder layer at a time, statistics from compressed predecessors."""
+        """Pass 2: one decoder layer at a time, statistics from compressed predecessors.
+
+        Calibration inputs are replayed lazily: captured at the first layer that collects
+        statistics and advanced through the (already compressed) layers only when a later
+        layer collects again, so data-free transforms cost no forward passes at all.
+        """
         layers = run.adapter.layers
         device = run.fabric.device
-        inputs: list[LayerInputs] = []
-        for batch in self._batches(run):
-            captured = capture(run.model, layers, batch)
-            captured.hidden = captured.hidden.cpu()  # one layer's activations, off the accelerator
-            inputs.append(captured)
-        for index, layer in enumerate(layers):
+        inputs: list[LayerInputs] | None = None
+        depth = 0  # ``inputs`` hold the inputs of layer ``depth``
+
+        def forward(index: int, item: LayerInputs) -> torch.Tensor:
+            with run.fabric.autocast():
+                return run_layer(run.adapter.layers[index], LayerInputs(item.hidden.to(device), item.kwargs), index)
+
+        for index in range(len(layers)):
             self._emit("on_layer_start", index)
             tap = Tap()
             pm.hook.lowrank_collect(run=run, tap=tap, layer=index)
             if tap.stats:
+                if inputs is None:
+                    with tap.paused():  # the recorders pass embeddings through every layer
+                        inputs = [capture(run.model, layers, batch) for batch in self._batches(run)]
+                    for item in inputs:
+                        item.hidden = item.hidden.cpu()  # one layer's activations, off the accelerator
                 for item in inputs:
-                    with run.fabric.autocast():
-                        run_layer(layer, LayerInputs(item.hidden.to(device), item.kwargs), index)
+                    for earlier in range(depth, index):
+                        item.hidden = forward(earlier, item).cpu()
+                    forward(index, item)
+                depth = index
             gathered = tap.close(self._reduce(run))
             run.stats.update(gathered)
             pm.hook.lowrank_transform(run=run, layer=index)
-            layer = run.adapter.layers[index]  # a transform may have replaced the whole layer
-            for item in inputs:
-                with run.fabric.autocast():
-                    item.hidden = run_layer(layer, LayerInputs(item.hidden.to(device), item.kwargs), index).cpu()
             for key in gathered:  # a layer's statistics are not needed once it is compressed
                 run.stats.pop(key, None)
             self._emit("on_layer_end", index)

@@ -7,7 +7,8 @@ use, so data-parallel calibration gives the single-process result.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -85,6 +86,7 @@ class Tap:
     backward: bool = False  # set by strategies that need gradients (e.g. Fisher)
     _handles: list[Any] = field(default_factory=list)
     _after_backward: list[Callable[[], None]] = field(default_factory=list)
+    _paused: bool = False
 
     def watch(self, key: str, module: nn.Module, stat: Statistic, where: Where = "input") -> Statistic:
         """Feed ``stat`` from ``module``'s forward: its first input, its output, or both."""
@@ -93,6 +95,8 @@ class Tap:
         self.stats[key] = stat
 
         def hook(_module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if self._paused:
+                return
             out = output[0] if isinstance(output, tuple) else output
             if where == "input":
                 stat.update(args[0])
@@ -103,6 +107,15 @@ class Tap:
 
         self._handles.append(module.register_forward_hook(hook))
         return stat
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Forwards inside this block feed no statistic (e.g. capturing inputs with recorders)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
 
     def after_backward(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` after each calibration batch's backward pass (gradients are set)."""

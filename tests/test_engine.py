@@ -5,15 +5,18 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
 from conftest import ByteTokenizer, sample_ids, tiny_model, tiny_recipe
 
-from lowrank_kit import compress, load_pretrained
+from lowrank_kit import Strategy, compress, hookimpl, load_pretrained
 from lowrank_kit.modules import LowRankLinear
 from lowrank_kit.report import decoder_linear_params
 from lowrank_kit.schema import RecipeError
+from lowrank_kit.stats import Gram
+from lowrank_kit.strategy import registry
 
 
 def digest(folder: Path) -> dict[str, str]:
@@ -76,3 +79,30 @@ def test_existing_output_needs_overwrite(tmp_path: Path) -> None:
     result = compress(recipe, model=tiny_model("llama"), tokenizer=ByteTokenizer(), progress=False, overwrite=True)
     assert (result.output_dir / "report.json").is_file()
     assert not list(tmp_path.glob(".out.partial-*"))
+
+
+class LayerInputWatcher(Strategy):
+    """Test-only collect strategy: keeps the Gram of the inputs of layers 1 and 2."""
+
+    name = "layer_input_watcher"
+    point = "collect"
+    description = "test"
+    seen: ClassVar[dict[int, Gram]] = {}
+
+    @hookimpl
+    def lowrank_collect(self, run, tap, layer):
+        if layer in (1, 2):
+            self.seen[layer] = tap.watch(f"test:{layer}", run.adapter.layers[layer], Gram())
+
+
+@pytest.mark.parametrize("plugin", ["svd", "svd_llm"])
+def test_layer_statistics_see_the_compressed_predecessors(tmp_path: Path, plugin: str) -> None:
+    """Pass 2 feeds layer i with the outputs of the compressed layers < i (skipping idle layers)."""
+    registry().add(LayerInputWatcher)
+    recipe = tiny_recipe(tmp_path, plugin, 0.4, collect=["layer_input_watcher"])
+    result = compress(recipe, model=tiny_model("llama"), tokenizer=ByteTokenizer(), progress=False)
+    with torch.no_grad():
+        states = result.model(input_ids=result.run.calibration, output_hidden_states=True).hidden_states
+    for layer in (1, 2):
+        x = states[layer].double().reshape(-1, states[layer].shape[-1])
+        assert torch.allclose(LayerInputWatcher.seen[layer].matrix, x.T @ x, rtol=1e-5, atol=1e-6)
