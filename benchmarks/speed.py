@@ -26,24 +26,35 @@ def weights_mb(model: Any) -> float:
     return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
 
 
+def best_seconds(run: Any, repeats: int) -> float:
+    """The fastest of ``repeats`` timed calls after one warm-up: the least disturbed by other load."""
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 @torch.no_grad()
 def prefill_tokens_per_s(model: Any, batch: int, length: int, repeats: int) -> float:
     ids = torch.randint(100, 10000, (batch, length))
-    model(input_ids=ids, use_cache=False)  # warm-up
-    start = time.perf_counter()
-    for _ in range(repeats):
-        model(input_ids=ids, use_cache=False)
-    return batch * length * repeats / (time.perf_counter() - start)
+    return batch * length / best_seconds(lambda: model(input_ids=ids, use_cache=False), repeats)
 
 
 @torch.no_grad()
-def decode_tokens_per_s(model: Any, batch: int, prompt: int, new: int) -> float:
+def decode_tokens_per_s(model: Any, batch: int, prompt: int, new: int, repeats: int) -> float:
+    """Generated tokens per second of greedy decoding with the KV cache (prefill excluded)."""
     ids = torch.randint(100, 10000, (batch, prompt))
-    kwargs = {"do_sample": False, "min_new_tokens": new, "max_new_tokens": new, "pad_token_id": 0}
-    model.generate(ids, **{**kwargs, "min_new_tokens": 4, "max_new_tokens": 4})  # warm-up
-    start = time.perf_counter()
-    model.generate(ids, **kwargs)
-    return batch * new / (time.perf_counter() - start)
+
+    def generate(count: int) -> Any:
+        return lambda: model.generate(ids, do_sample=False, min_new_tokens=count, max_new_tokens=count,
+                                      pad_token_id=0)
+
+    with_prefill = best_seconds(generate(new + 1), repeats)
+    prefill_only = best_seconds(generate(1), repeats)
+    return batch * new / (with_prefill - prefill_only)
 
 
 def measure(which: str, folder: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -61,7 +72,7 @@ def measure(which: str, folder: Path, args: argparse.Namespace) -> list[dict[str
         rows.append({
             "model": which if which == "dense" else folder.name, "batch": batch, "weights_mb": weights_mb(model),
             "prefill": prefill_tokens_per_s(model, batch, args.prompt, args.repeats),
-            "decode": decode_tokens_per_s(model, batch, args.prompt, args.new_tokens),
+            "decode": decode_tokens_per_s(model, batch, args.prompt, args.new_tokens, args.repeats),
         })
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return [{**row, "peak_rss_mb": peak} for row in rows]
@@ -73,7 +84,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--prompt", type=int, default=512, help="prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats; the fastest counts")
     args = parser.parse_args()
     report = json.loads((args.folder / "report.json").read_text())
     rows = []
