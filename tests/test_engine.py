@@ -99,8 +99,11 @@ class LayerInputWatcher(Strategy):
 def test_layer_statistics_see_the_compressed_predecessors(tmp_path: Path, plugin: str) -> None:
     """Pass 2 feeds layer i with the outputs of the compressed layers < i (skipping idle layers)."""
     registry().add(LayerInputWatcher)
-    recipe = tiny_recipe(tmp_path, plugin, 0.4, collect=["layer_input_watcher"])
-    result = compress(recipe, model=tiny_model("llama"), tokenizer=ByteTokenizer(), progress=False)
+    try:
+        recipe = tiny_recipe(tmp_path, plugin, 0.4, collect=["layer_input_watcher"])
+        result = compress(recipe, model=tiny_model("llama"), tokenizer=ByteTokenizer(), progress=False)
+    finally:
+        registry.cache_clear()  # the next registry() is rebuilt from the installed plugins only
     with torch.no_grad():
         states = result.model(input_ids=result.run.calibration, output_hidden_states=True).hidden_states
     for layer in (1, 2):
