@@ -26,8 +26,6 @@ class ValueDimAttention:
     """Mixin placed before the original attention class; ``v_head_dim`` is set per layer."""
 
     v_head_dim: int
-    # The first ``active_v_dim`` value dims are used when set (progressive decoding slices them).
-    active_v_dim: int | None = None
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: Any = None,
                 attention_mask: torch.Tensor | None = None, past_key_values: Any = None,
