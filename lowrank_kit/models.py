@@ -73,6 +73,9 @@ def resolve(path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
     alias = ALIASES.get(path)
     if alias is None:
         return path, gguf_file
+    if gguf_file and gguf_file != alias.gguf_file:
+        raise RecipeError("model.gguf_file", f"built-in model '{path}' has one file, {alias.gguf_file}; "
+                          "drop gguf_file, or set model.path to a folder holding yours")
     if alias.chunk_packages:
         joined = _assemble(alias)
         return str(joined.parent), joined.name

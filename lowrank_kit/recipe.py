@@ -27,7 +27,7 @@ def _help(text: str, **kw: Any) -> Any:
 @dataclass
 class ModelSpec:
     path: str = _help("built-in alias (smollm2-135m, gemma3-270m), local folder, or hub id")
-    gguf_file: str | None = _help("GGUF file inside `path` (set automatically for aliases)", default=None)
+    gguf_file: str | None = _help("GGUF file inside the `path` folder (aliases know theirs)", default=None)
     dtype: Literal["float32", "bfloat16", "float16"] = _help("weights dtype while compressing", default="float32")
 
 

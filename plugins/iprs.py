@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lowrank_kit import hookimpl
-from lowrank_kit.plan import RankPlan, Unit, achieved_ratio, uniform_fraction
+from lowrank_kit.plan import RankPlan, Unit, achieved_ratio, plan_from_fractions, uniform_fraction
 from lowrank_kit.strategy import Strategy
 
 
@@ -63,21 +63,21 @@ class Iprs(Strategy):
         total = run.geometry.total_linear_params
         w = uniform_fraction(units, total, run.target_ratio)
 
-        def plan_for(budget: float) -> tuple[RankPlan, list[float]]:
+        def plan_for(budget: float) -> RankPlan:
             fractions = dict(zip(layers, iprs_fractions(scores, budget), strict=True))
-            ranks = {u.name: u.rank_for_fraction(fractions[u.layer]) for u in units}
+            ranks = plan_from_fractions(units, lambda unit: fractions[unit.layer])
             return RankPlan(ranks=ranks, allocator=self.name, layer_fractions=list(fractions.values()),
-                            notes={"keep_fraction": w, "budget": budget}), list(fractions.values())
+                            notes={"keep_fraction": w, "budget": budget})
 
         # The largest budget whose rounded ranks still remove at least the target ratio.
         low, high = 0.0, float(len(layers))
         for _ in range(50):
             middle = (low + high) / 2
-            if achieved_ratio(plan_for(middle)[0], units, total) >= run.target_ratio:
+            if achieved_ratio(plan_for(middle), units, total) >= run.target_ratio:
                 low = middle
             else:
                 high = middle
-        plan, _ = plan_for(low)
+        plan = plan_for(low)
         plan.notes["uncorrected_budget"] = w * len(layers)
         return plan
 

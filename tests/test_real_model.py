@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import tiny_recipe
 
 from lowrank_kit import compress, load_pretrained
 
@@ -32,18 +33,13 @@ def smollm2() -> tuple[Any, Any]:
 
 
 def real_recipe(tmp_path: Path, plugin: str, ratio: float, **extra: Any) -> dict[str, Any]:
-    return {
-        "name": f"real-{plugin}",
-        "model": {"path": "smollm2-135m"},
-        "calibration": {"dataset": "austen-emma", "samples": 8, "seq_len": 256, "seed": 0, "batch_size": 4},
-        "target": {"ratio": ratio},
-        "allocate": "uniform",
-        "transform": [{"plugin": plugin}],
-        "evaluate": [{"dataset": "austen-persuasion", "seq_len": 256, "max_tokens": 2048}],
-        "runtime": {"accelerator": "cpu"},
-        "output": {"dir": str(tmp_path / plugin)},
-        **extra,
-    }
+    """The tiny-model recipe pointed at SmolLM2, with windows of 256 tokens."""
+    return tiny_recipe(
+        tmp_path, plugin, ratio, name=f"real-{plugin}", model={"path": "smollm2-135m"},
+        calibration={"dataset": "austen-emma", "samples": 8, "seq_len": 256, "seed": 0, "batch_size": 4},
+        evaluate=[{"dataset": "austen-persuasion", "seq_len": 256, "max_tokens": 2048}],
+        output={"dir": str(tmp_path / plugin)}, **extra,
+    )
 
 
 def test_svd_llm_beats_svd_at_equal_ratio_and_reloads(tmp_path: Path, smollm2: tuple[Any, Any]) -> None:

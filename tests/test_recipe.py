@@ -116,3 +116,10 @@ def test_recipe_reference_is_up_to_date() -> None:
 
     doc = Path(__file__).parent.parent / "docs" / "recipes.md"
     assert doc.read_text() == recipe_reference(), "regenerate: python -m lowrank_kit.reference > docs/recipes.md"
+
+
+def test_a_gguf_file_beside_a_builtin_alias_is_not_ignored() -> None:
+    from lowrank_kit.models import resolve
+
+    with pytest.raises(RecipeError, match=r"model\.gguf_file: built-in model 'smollm2-135m' has one file"):
+        resolve("smollm2-135m", "other.gguf")
