@@ -1,10 +1,13 @@
 """Attention whose value head dim differs from the query/key head dim (head-wise PCA of v/o).
 
 Head-wise PCA shrinks each value head from d_h to r dims: v_proj gets G·r rows and o_proj
-H·r columns, and the value cache shrinks with them. Stock attention modules view the values
-with the query/key head dim, so a compressed attention module gets this class mixed in: same
-parameters and submodules (q/k norms, sliding window, scaling), one forward that views values
-with their own head dim. SDPA accepts a value dim different from the key dim.
+H·r columns, and the value cache shrinks with them. Rows and columns are stored rank-major
+(row k·G + g is dim k of group g; column k·H + h is dim k of head h), so keeping the first ρ
+dims of every head, as progressive decoding does, is a contiguous slice of both weights.
+Stock attention modules view the values with the query/key head dim, so a compressed
+attention module gets this class mixed in: same parameters and submodules (q/k norms,
+sliding window, scaling), one forward that views values with their own head dim. SDPA
+accepts a value dim different from the key dim.
 
 This follows the Llama-family attention layout shared by the adapters' architectures (Llama,
 Mistral, Qwen2, Gemma3): rotary embeddings from the decoder, optional q/k norms, a cache
@@ -18,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
@@ -26,21 +30,33 @@ class ValueDimAttention:
     """Mixin placed before the original attention class; ``v_head_dim`` is set per layer."""
 
     v_head_dim: int
+    active_rank: int | None = None  # value dims in use per head (progressive decoding); None: all
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: Any = None,
                 attention_mask: torch.Tensor | None = None, past_key_values: Any = None,
                 **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         module: Any = self
         input_shape = hidden_states.shape[:-1]
+        rank = self.v_head_dim
+        active = rank if self.active_rank is None else min(self.active_rank, rank)
         query = module.q_proj(hidden_states).view(*input_shape, -1, module.head_dim).transpose(1, 2)
         key = module.k_proj(hidden_states).view(*input_shape, -1, module.head_dim).transpose(1, 2)
-        value = module.v_proj(hidden_states).view(*input_shape, -1, self.v_head_dim).transpose(1, 2)
+        v = module.v_proj
+        if active == rank:
+            value = v(hidden_states)
+        else:  # the first `active` dims of every group: a contiguous block of rank-major rows
+            rows = active * (v.out_features // rank)
+            value = F.linear(hidden_states, v.weight[:rows], None if v.bias is None else v.bias[:rows])
+        value = value.view(*input_shape, active, -1).transpose(-1, -2).transpose(1, 2)  # [B, G, T, active]
         if getattr(module, "q_norm", None) is not None:
             query, key = module.q_norm(query), module.k_norm(key)
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
         if past_key_values is not None:
+            if active < rank:  # the cache keeps all `rank` dims; dims past `active` are never read again
+                value = F.pad(value, (0, rank - active))
             key, value = past_key_values.update(key, value, module.layer_idx)
+            value = value[..., :active]
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager_attention_forward)
         # Gemma3/Qwen2 modules carry their own window (None on global layers); Mistral reads its config.
         if hasattr(module, "sliding_window"):
@@ -49,11 +65,14 @@ class ValueDimAttention:
             window = getattr(module.config, "sliding_window", None)
         output, weights = attend(module, query, key, value, attention_mask, dropout=0.0, scaling=module.scaling,
                                  sliding_window=window, **kwargs)
-        output = output.reshape(*input_shape, -1).contiguous()
-        return module.o_proj(output), weights
+        output = output.transpose(-1, -2).reshape(*input_shape, -1)  # [B, T, active·H], rank-major
+        o = module.o_proj
+        if active == rank:
+            return o(output), weights
+        return F.linear(output, o.weight[:, : output.shape[-1]], o.bias), weights
 
     def spec(self) -> dict[str, Any]:
-        return {"kind": "value_dim_attention", "v_head_dim": self.v_head_dim}
+        return {"kind": "value_dim_attention", "v_head_dim": self.v_head_dim, "layout": "rank_major"}
 
 
 @functools.cache
@@ -72,6 +91,8 @@ def shrink_values(attention: nn.Module, v_proj: nn.Module, o_proj: nn.Module, v_
 
 def rebuild(spec: dict[str, Any], attention: nn.Module) -> nn.Module:
     """Give a freshly built dense attention module the saved value head dim (for loading)."""
+    if spec.get("layout") != "rank_major":
+        raise ValueError("value_dim_attention saved by an older lowrank-kit (group-major values): recompress")
     r = spec["v_head_dim"]
     v, o = attention.v_proj, attention.o_proj
     groups = v.out_features // attention.head_dim

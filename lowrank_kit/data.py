@@ -106,3 +106,33 @@ def evaluation_windows(ids: torch.Tensor, tokenizer: Any, seq_len: int, max_toke
         raise ValueError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seq_len}")
     body = ids[: count * length].view(count, length)
     return torch.cat([torch.tensor(bos, dtype=torch.long).expand(count, len(bos)), body], dim=1)
+
+
+def generation_prompts(tokenizer: Any, spec: Any, needs_bos: bool = False) -> tuple[list[list[int]], list[str]]:
+    """Token prompts for a generation evaluation, and reference continuations (empty if none).
+
+    From a text: ``spec.prompts`` passages of ``spec.prompt_len`` tokens evenly spaced over the
+    second half of it (the first part is where perplexity is measured), each with the text's own
+    next ``spec.new_tokens`` tokens as its reference. From a JSONL file: its prompt/reference rows.
+    """
+    bos = _bos(tokenizer, needs_bos)
+    if Path(spec.dataset).suffix.lower() in (".json", ".jsonl"):
+        import datasets
+
+        rows = datasets.load_dataset("json", data_files=spec.dataset, split="train")
+        if spec.prompt_field not in rows.column_names:
+            raise RecipeError("prompt_field", f"'{spec.dataset}' has no field '{spec.prompt_field}'; "
+                                              f"fields: {rows.column_names}")
+        rows = rows.select(range(min(spec.prompts, len(rows))))
+        prompts = [bos + tokenize(tokenizer, str(text)).tolist() for text in rows[spec.prompt_field]]
+        has_refs = spec.reference_field in rows.column_names
+        return prompts, [str(r) for r in rows[spec.reference_field]] if has_refs else []
+    ids = tokenize(tokenizer, load_text(spec.dataset, "evaluation", spec.text_field))
+    length = spec.prompt_len - len(bos)
+    first, last = ids.numel() // 2, ids.numel() - length - spec.new_tokens
+    if last < first:
+        raise ValueError(f"'{spec.dataset}' is too short for prompts of {spec.prompt_len} tokens")
+    starts = torch.linspace(first, last, spec.prompts).long().tolist()
+    prompts = [bos + ids[s : s + length].tolist() for s in starts]
+    references = [tokenizer.decode(ids[s + length : s + length + spec.new_tokens].tolist()) for s in starts]
+    return prompts, references

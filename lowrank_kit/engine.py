@@ -22,12 +22,14 @@ from lightning.fabric import Fabric
 
 from lowrank_kit import io, report
 from lowrank_kit.adapters import adapter_for
+from lowrank_kit.cache import Cache, fingerprint
 from lowrank_kit.callbacks import Callback, ProgressBar
 from lowrank_kit.data import calibration_windows, load_text, tokenize
 from lowrank_kit.evaluation import evaluate
 from lowrank_kit.models import load_model
 from lowrank_kit.recipe import Recipe
 from lowrank_kit.replay import LayerInputs, capture, run_layer
+from lowrank_kit.schema import to_dict
 from lowrank_kit.state import RunState
 from lowrank_kit.stats import Tap
 from lowrank_kit.strategy import run_manager
@@ -88,7 +90,7 @@ class Engine:
         dense_params = io.count_params(model)
         evaluations: dict[str, list[dict[str, Any]]] = {"dense": [], "compressed": []}
         with self.phase("evaluate dense"):
-            evaluations["dense"] = self._evaluate(run, "dense")
+            evaluations["dense"] = self._dense_evaluations(run)
         with self.phase("calibration data"):
             ids = tokenize(tokenizer, load_text(recipe.calibration.dataset, "calibration",
                                                 recipe.calibration.text_field))
@@ -98,7 +100,7 @@ class Engine:
         run.units = [u for units in pm.hook.lowrank_units(run=run) for u in units]
         if recipe.score:
             with self.phase("score"):
-                self._score_pass(run, pm)
+                self._scores(run, pm)
         with self.phase("allocate"):
             run.plan = pm.hook.lowrank_allocate(run=run, units=run.units)
             if run.plan is None:
@@ -107,21 +109,45 @@ class Engine:
             self._compress_pass(run, pm)
         pm.hook.lowrank_decode(run=run, model=model)
         with self.phase("evaluate compressed"):
-            evaluations["compressed"] = self._evaluate(run, "compressed")
+            evaluations["compressed"] = self._evaluate(run, "compressed", evaluations["dense"])
         partial = None
         if fabric.global_rank == 0:
             with self.phase("save"):
                 partial = io.write_model(run, out_dir)
         rep = report.build(run, dense_params, io.count_params(model), evaluations, self.timings)
-        saved = io.finish(run, partial, out_dir, rep, self.overwrite) if partial is not None else None
+        files = {"generations.jsonl": report.generations_jsonl(evaluations)}
+        saved = io.finish(run, partial, out_dir, rep, self.overwrite, files) if partial is not None else None
         self._emit("on_run_end", rep)
         return Result(model=model, tokenizer=tokenizer, report=rep, output_dir=saved, run=run)
 
-    def _evaluate(self, run: RunState, label: str) -> list[dict[str, Any]]:
+    def _dense_fingerprint(self, run: RunState) -> str:
+        """The dense model's identity for cache keys, taken before any layer is compressed."""
+        if "fingerprint" not in run.notes:
+            run.notes["fingerprint"] = fingerprint(run.model)
+        return run.notes["fingerprint"]
+
+    def _dense_evaluations(self, run: RunState) -> list[dict[str, Any]]:
+        """The dense model's evaluations, from the cache when this model and data were evaluated before."""
+        cache = Cache(run.recipe.output.cache_dir)
+        model_key = self._dense_fingerprint(run)
+        rows = []
+        for spec in run.recipe.evaluate:
+            key = {"model": model_key, "evaluation": to_dict(spec), "needs_bos": run.adapter.needs_bos,
+                   "world_size": run.fabric.world_size}
+            row = cache.get("dense-eval", key)
+            if row is None:
+                row = evaluate(run.model, run.tokenizer, spec, run.adapter.needs_bos, run.fabric,
+                               desc=f"dense {spec.metric}", progress=self.progress)
+                cache.put("dense-eval", key, row)
+            rows.append(row)
+        return rows
+
+    def _evaluate(self, run: RunState, label: str, dense: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """Every recipe evaluation; the compressed model's are compared with the dense rows."""
         return [
             evaluate(run.model, run.tokenizer, spec, run.adapter.needs_bos, run.fabric,
-                     desc=f"{label} {spec.metric}", progress=self.progress)
-            for spec in run.recipe.evaluate
+                     desc=f"{label} {spec.metric}", progress=self.progress, dense=dense[i] if dense else None)
+            for i, spec in enumerate(run.recipe.evaluate)
         ]
 
     def _reduce(self, run: RunState) -> Any:
@@ -134,20 +160,42 @@ class Engine:
         for start in range(0, len(run.calibration), size):
             yield run.calibration[start : start + size].to(run.fabric.device)
 
+    def _scores(self, run: RunState, pm: Any) -> None:
+        """Importances from the cache when the same model, data and scorers were seen before."""
+        recipe = run.recipe
+        cache = Cache(recipe.output.cache_dir)
+        key = {
+            "model": self._dense_fingerprint(run),
+            "calibration": to_dict(recipe.calibration),
+            "collect": [c.to_dict() for c in recipe.collect],
+            "score": [c.to_dict() for c in recipe.score],
+            "world_size": run.fabric.world_size,
+            "precision": recipe.runtime.precision,
+        }
+        cached = cache.get("scores", key)
+        if cached is not None:
+            run.scores.update(cached)
+            run.notes["scores"] = {"cached": True}
+            return
+        self._score_pass(run, pm)
+        cache.put("scores", key, run.scores)
+        run.notes["scores"] = {"cached": False}
+
     def _score_pass(self, run: RunState, pm: Any) -> None:
         """Pass 1 on the dense model: gather whole-model statistics, then importances."""
         tap = Tap()
         pm.hook.lowrank_collect(run=run, tap=tap, layer=None)
-        for batch in self._batches(run):
-            if tap.backward:
-                with run.fabric.autocast():
-                    loss = run.model(input_ids=batch, labels=batch, use_cache=False).loss
-                run.fabric.backward(loss)
-                tap.backward_done()
-                run.model.zero_grad(set_to_none=True)
-            else:  # the decoder stack only: statistics never need the vocabulary-sized logits
-                with torch.no_grad(), run.fabric.autocast():
-                    run.model.get_decoder()(input_ids=batch, use_cache=False)
+        with _gradients_only_for(run.model, tap.grad_params):
+            for batch in self._batches(run):
+                if tap.backward:
+                    with run.fabric.autocast():
+                        loss = run.model(input_ids=batch, labels=batch, use_cache=False).loss
+                    run.fabric.backward(loss)
+                    tap.backward_done()
+                    run.model.zero_grad(set_to_none=True)
+                else:  # the decoder stack only: statistics never need the vocabulary-sized logits
+                    with torch.no_grad(), run.fabric.autocast():
+                        run.model.get_decoder()(input_ids=batch, use_cache=False)
         run.stats.update(tap.close(self._reduce(run)))
         for scores in pm.hook.lowrank_score(run=run):
             clash = set(scores) & set(run.scores)
@@ -193,3 +241,20 @@ class Engine:
             for key in gathered:  # a layer's statistics are not needed once it is compressed
                 run.stats.pop(key, None)
             self._emit("on_layer_end", index)
+
+
+@contextlib.contextmanager
+def _gradients_only_for(model: Any, params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """Compute only the weight gradients a statistic reads (not e.g. the embedding's)."""
+    if not params:
+        yield
+        return
+    wanted = {id(p) for p in params}
+    before = {name: p.requires_grad for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in wanted)
+    try:
+        yield
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(before[name])

@@ -1,14 +1,23 @@
-"""Evaluation of a (compressed or dense) model: perplexity over non-overlapping windows."""
+"""Evaluation of a (compressed or dense) model.
+
+- perplexity over non-overlapping windows (torchmetrics);
+- generation: greedy continuations of held-out prompts through ``model.generate`` with the KV
+  cache, ROUGE-L (torchmetrics) against the dense model's continuation and against references
+  where present, prefill/decode tokens per second, and the multiply-adds per generated token of
+  the low-rank modules (which progressive decoding lowers).
+"""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
-from torchmetrics.text import Perplexity
+from torchmetrics.text import Perplexity, ROUGEScore
 from tqdm.auto import tqdm
 
-from lowrank_kit.data import evaluation_windows, load_text, tokenize
+from lowrank_kit.data import evaluation_windows, generation_prompts, load_text, tokenize
+from lowrank_kit.decoding import full_rank, macs_per_token, rank_modules
 
 
 @torch.no_grad()
@@ -29,9 +38,111 @@ def perplexity(model: Any, windows: torch.Tensor, fabric: Any = None, batch_size
     return float(metric.compute())
 
 
+class GenerationMeter:
+    """Forward hooks timing prefill and decode steps and counting low-rank multiply-adds.
+
+    A forward with an empty KV cache is a prefill; every other one is a decode step that feeds
+    one token per sequence. Multiply-adds are read after each forward, at the ranks it used.
+    """
+
+    def __init__(self, model: Any):
+        self.modules = rank_modules(model)
+        self.prefill_s = self.decode_s = 0.0
+        self.prefill_tokens = self.decode_tokens = 0
+        self.decode_macs = 0  # at the active ranks
+        self.static_decode_macs = 0  # the same tokens at the allocated ranks
+        self._start = 0.0
+        self._prefill = False
+        self._handles = [model.register_forward_pre_hook(self._before, with_kwargs=True),
+                         model.register_forward_hook(self._after, with_kwargs=True)]
+
+    def _before(self, _model: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+        cache = kwargs.get("past_key_values")
+        self._prefill = cache is None or cache.get_seq_length() == 0
+        self._tokens = int(kwargs["input_ids"].numel())
+        self._start = time.perf_counter()
+
+    def _after(self, _model: Any, _args: Any, _kwargs: dict[str, Any], _output: Any) -> None:
+        seconds = time.perf_counter() - self._start
+        if self._prefill:
+            self.prefill_s += seconds
+            self.prefill_tokens += self._tokens
+            return
+        self.decode_s += seconds
+        self.decode_tokens += self._tokens
+        self.decode_macs += self._tokens * sum(macs_per_token(m) for m in self.modules)
+        self.static_decode_macs += self._tokens * sum(macs_per_token(m, full_rank(m)) for m in self.modules)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        mask[row, width - len(prompt) :] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate_continuations(model: Any, tokenizer: Any, prompts: list[list[int]], new_tokens: int,
+                           batch_size: int, device: Any = None, desc: str = "generation",
+                           progress: bool = True) -> tuple[list[str], GenerationMeter]:
+    """Greedy continuations (text, generated part only) of token prompts, and their measurements."""
+    device = device or next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    meter = GenerationMeter(model)
+    texts: list[str] = []
+    try:
+        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, disable=not progress):
+            ids, mask = _left_padded(prompts[start : start + batch_size], pad_id)
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                 max_new_tokens=new_tokens, pad_token_id=pad_id, temperature=None, top_p=None,
+                                 top_k=None)
+            texts += [tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True) for row in out.tolist()]
+    finally:
+        meter.remove()
+    return texts, meter
+
+
+def rouge_l(predictions: list[str], targets: list[str]) -> float:
+    """Mean ROUGE-L F-measure over pairs (torchmetrics)."""
+    metric = ROUGEScore(rouge_keys="rougeL")
+    return float(metric(predictions, targets)["rougeL_fmeasure"])
+
+
+def generation(model: Any, tokenizer: Any, spec: Any, needs_bos: bool, dense: dict[str, Any] | None,
+               fabric: Any = None, desc: str = "generation", progress: bool = True) -> dict[str, Any]:
+    """One generation evaluation row; ``dense`` is the dense model's row (None when it is the dense model)."""
+    prompts, references = generation_prompts(tokenizer, spec, needs_bos)
+    device = fabric.device if fabric is not None else None
+    texts, meter = generate_continuations(model, tokenizer, prompts, spec.new_tokens, spec.batch_size, device,
+                                          desc, progress)
+    row: dict[str, Any] = {
+        "metric": "generation", "dataset": spec.dataset, "tokens": meter.decode_tokens + meter.prefill_tokens,
+        "value": rouge_l(texts, dense["_texts"]) if dense is not None else 1.0,
+        "rougeL_vs_reference": rouge_l(texts, references) if references else None,
+        "prefill_tok_s": meter.prefill_tokens / meter.prefill_s if meter.prefill_s else None,
+        "decode_tok_s": meter.decode_tokens / meter.decode_s if meter.decode_s else None,
+        "batch_size": spec.batch_size,
+        "lowrank_decode_macs_per_token": meter.decode_macs / meter.decode_tokens if meter.decode_tokens else 0,
+        "decode_macs_saved": 1 - meter.decode_macs / meter.static_decode_macs if meter.static_decode_macs else 0.0,
+        "_texts": texts,
+        "_prompts": [tokenizer.decode(p, skip_special_tokens=True) for p in prompts],
+        "_references": references,
+    }
+    return row
+
+
 def evaluate(model: Any, tokenizer: Any, spec: Any, needs_bos: bool, fabric: Any = None,
-             desc: str = "perplexity", progress: bool = True) -> dict[str, Any]:
-    """Run one recipe evaluation entry; returns a row for the report."""
+             desc: str = "perplexity", progress: bool = True, dense: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run one recipe evaluation entry; returns a row for the report (keys starting "_" stay out of it)."""
+    if spec.metric == "generation":
+        return generation(model, tokenizer, spec, needs_bos, dense, fabric, desc, progress)
     ids = tokenize(tokenizer, load_text(spec.dataset, "evaluation", spec.text_field))
     windows = evaluation_windows(ids, tokenizer, spec.seq_len, spec.max_tokens, needs_bos)
     value = perplexity(model, windows, fabric, desc=desc, progress=progress)

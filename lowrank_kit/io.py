@@ -22,7 +22,7 @@ from torch import nn
 from lowrank_kit.modules import build_module
 from lowrank_kit.schema import RecipeError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: head-wise PCA values stored rank-major; decode section
 WEIGHTS = "model.safetensors"
 MARKERS = ("report.json", "recipe.yaml")  # files that identify a folder as one of our outputs
 
@@ -57,7 +57,9 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def save_model_files(model: Any, tokenizer: Any, folder: Path, extra: dict[str, Any] | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    model.config.lowrank = {"format": FORMAT_VERSION, "modules": module_specs(model), **(extra or {})}
+    decoder = getattr(model, "lowrank_decoder", None)
+    model.config.lowrank = {"format": FORMAT_VERSION, "modules": module_specs(model),
+                            "decode": decoder.spec() if decoder is not None else None, **(extra or {})}
     model.config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
@@ -85,10 +87,14 @@ def write_model(run: Any, folder: Path) -> Path:
     return partial
 
 
-def finish(run: Any, partial: Path, folder: Path, report: dict[str, Any], overwrite: bool = False) -> Path:
-    """Add the resolved recipe and the report, then move the folder into place in one step."""
+def finish(run: Any, partial: Path, folder: Path, report: dict[str, Any], overwrite: bool = False,
+           files: dict[str, str] | None = None) -> Path:
+    """Add the resolved recipe, the report and ``files`` (name → text), then move the folder into place."""
     from lowrank_kit.report import markdown
 
+    for name, text in (files or {}).items():
+        if text:
+            (partial / name).write_text(text)
     (partial / "recipe.yaml").write_text(yaml.safe_dump(run.recipe.to_dict(), sort_keys=False))
     (partial / "report.json").write_text(json.dumps(report, indent=2))
     (partial / "report.md").write_text(markdown(report))
@@ -119,4 +125,8 @@ def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> A
     missing, unexpected = load_model(model, str(folder / WEIGHTS), strict=True)
     if missing or unexpected:
         raise ValueError(f"weights do not match the rebuilt model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if lowrank.get("decode"):
+        from lowrank_kit.decoding import install
+
+        install(model, lowrank["decode"])
     return model.to(device).eval()

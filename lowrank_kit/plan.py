@@ -94,3 +94,43 @@ def uniform_fraction(units: list[Unit], total_dense: int, ratio: float) -> float
 def plan_from_fractions(units: list[Unit], fraction_of: Any) -> dict[str, int]:
     """Ranks from a keep-fraction per unit (``fraction_of(unit) -> float``)."""
     return {u.name: u.rank_for_fraction(fraction_of(u)) for u in units}
+
+
+def capped_shares(weights: list[float], caps: list[float], total: float) -> list[float]:
+    """Split ``total`` in proportion to ``weights``, no share above its cap, the excess redistributed.
+
+    Shares that would exceed their cap are set to it and leave the pool with their part of the
+    total, until none exceeds; with no weight left, the rest is split evenly.
+    """
+    shares = [0.0] * len(weights)
+    active = list(range(len(weights)))
+    remaining = total
+    while active:
+        weight = sum(weights[i] for i in active)
+        proposal = {i: (weights[i] / weight if weight > 0 else 1 / len(active)) * remaining for i in active}
+        capped = [i for i in active if proposal[i] > caps[i]]
+        if not capped:
+            for i in active:
+                shares[i] = proposal[i]
+            break
+        for i in capped:
+            shares[i] = caps[i]
+            remaining -= caps[i]
+            active.remove(i)
+    return shares
+
+
+def largest_meeting_target(plan_for: Any, high: float, ratio_of: Any, target: float, steps: int = 50) -> Any:
+    """Bisect a budget in [0, high] for the largest whose (rounded) plan removes at least ``target``.
+
+    Rounding ranks down makes the achieved ratio drift from the one a budget was computed for;
+    allocators correct it this way so the ratio counted from the real shapes meets the target.
+    """
+    low = 0.0
+    for _ in range(steps):
+        middle = (low + high) / 2
+        if ratio_of(plan_for(middle)) >= target:
+            low = middle
+        else:
+            high = middle
+    return plan_for(low)

@@ -60,15 +60,28 @@ class TargetSpec:
 
 @dataclass
 class EvalSpec:
-    metric: Literal["perplexity"] = _help("what to measure", default="perplexity")
-    dataset: str = _help("evaluation text (see calibration.dataset)", default="austen-persuasion")
-    seq_len: int = _help("window length; windows do not overlap", default=512)
-    max_tokens: int = _help("evaluate on the first this many tokens", default=8192)
+    metric: Literal["perplexity", "generation"] = _help(
+        "perplexity; or generation: greedy continuations scored by ROUGE-L against the dense model's",
+        default="perplexity")
+    dataset: str = _help("evaluation text (see calibration.dataset); for generation also a .jsonl of "
+                         "prompt/reference rows", default="austen-persuasion")
+    seq_len: int = _help("perplexity: window length; windows do not overlap", default=512)
+    max_tokens: int = _help("perplexity: evaluate on the first this many tokens", default=8192)
     text_field: str = _help("field holding the text in JSON/JSONL files", default="text")
+    prompts: int = _help("generation: number of prompts (passages from the second half of a text)", default=32)
+    prompt_len: int = _help("generation: prompt length in tokens for passages of a text", default=128)
+    new_tokens: int = _help("generation: tokens generated greedily per prompt", default=64)
+    batch_size: int = _help("generation: prompts per generate call", default=8)
+    prompt_field: str = _help("generation from JSONL: field holding the prompt", default="prompt")
+    reference_field: str = _help("generation from JSONL: field holding the reference (optional)",
+                                 default="reference")
 
     def check(self, path: str) -> None:
         if self.seq_len < 2 or self.max_tokens < self.seq_len:
             raise RecipeError(path, "needs seq_len >= 2 and max_tokens >= seq_len")
+        for key in ("prompts", "prompt_len", "new_tokens", "batch_size"):
+            if getattr(self, key) < 1:
+                raise RecipeError(join(path, key), f"must be at least 1, got {getattr(self, key)}")
 
 
 @dataclass
@@ -83,6 +96,8 @@ class OutputSpec:
     dir: str = _help("output folder; {name} and {ratio} are filled in", default="runs/{name}-{ratio}")
     save_model: bool = _help("write the compressed model (safetensors) to the folder", default=True)
     overwrite: bool = _help("replace an existing output folder", default=False)
+    cache_dir: str | None = _help("folder of cached scores and dense evaluations shared by runs; null: no cache",
+                                  default="runs/.cache")
 
 
 @dataclass

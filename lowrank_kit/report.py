@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import resource
 import sys
 from typing import Any
@@ -34,6 +35,38 @@ def peak_memory_mb() -> dict[str, float]:
     return out
 
 
+COMMON = ("metric", "dataset", "seq_len", "tokens", "value")
+
+
+def evaluation_row(dense: dict[str, Any] | None, compressed: dict[str, Any]) -> dict[str, Any]:
+    """One report row: the shared description, both values, and metric-specific details."""
+
+    def details(row: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in row.items() if k not in COMMON and not k.startswith("_")}
+
+    out = {k: compressed[k] for k in COMMON if k in compressed and k != "value"}
+    if dense is not None:
+        out["dense"] = dense["value"]
+    out["compressed"] = compressed["value"]
+    if details(compressed):
+        out["details"] = {"dense": details(dense) if dense is not None else {}, "compressed": details(compressed)}
+    return out
+
+
+def generations_jsonl(evaluations: dict[str, list[dict[str, Any]]]) -> str:
+    """Prompt, reference, dense and compressed continuation per line, for every generation evaluation."""
+    lines = []
+    for dense, compressed in zip(evaluations["dense"], evaluations["compressed"], strict=False):
+        if "_texts" not in compressed:
+            continue
+        references = compressed["_references"] or [None] * len(compressed["_texts"])
+        for prompt, reference, d, c in zip(compressed["_prompts"], references, dense["_texts"], compressed["_texts"],
+                                           strict=True):
+            lines.append(json.dumps({"dataset": compressed["dataset"], "prompt": prompt, "reference": reference,
+                                     "dense": d, "compressed": c}))
+    return "\n".join(lines) + "\n" if lines else ""
+
+
 def build(run: Any, dense_params: int, compressed_params: int, evaluations: dict[str, list[dict[str, Any]]],
           timings: dict[str, float]) -> dict[str, Any]:
     recipe = run.recipe
@@ -46,13 +79,9 @@ def build(run: Any, dense_params: int, compressed_params: int, evaluations: dict
          "params_dense": u.dense_params, "params_kept": u.params(plan.rank(u))}
         for u in run.units
     ]
-    rows = []
-    for dense, compressed in zip(evaluations["dense"], evaluations["compressed"], strict=False):
-        rows.append({**{k: v for k, v in dense.items() if k != "value"},
-                     "dense": dense["value"], "compressed": compressed["value"]})
+    rows = [evaluation_row(d, c) for d, c in zip(evaluations["dense"], evaluations["compressed"], strict=False)]
     if not evaluations["dense"]:
-        rows = [{**{k: v for k, v in c.items() if k != "value"}, "compressed": c["value"]}
-                for c in evaluations["compressed"]]
+        rows = [evaluation_row(None, c) for c in evaluations["compressed"]]
     return {
         "name": recipe.name,
         "model": recipe.model.path,
@@ -103,6 +132,7 @@ def markdown(rep: dict[str, Any]) -> str:
             compressed = f"{row['compressed']:.3f}"
             lines.append(f"| {row['metric']} | {row['dataset']} | {row['tokens']} | {dense} | {compressed} |")
         lines.append("")
+        lines += _generation_table(rep["evaluation"])
     lines += ["| phase | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in rep["timings_s"].items()]
     lines += ["", "## Kept rank per module", ""]
@@ -112,3 +142,27 @@ def markdown(rep: dict[str, Any]) -> str:
         lines.append(f"| {m['unit']} | {m['transform']} | {rank} | {m['max_rank']} | "
                      f"{m['params_kept'] / m['params_dense']:.1%} |")
     return "\n".join(lines) + "\n"
+
+
+def _number(value: Any, fmt: str) -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def _generation_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Generation details: ROUGE-L, speed, and decode multiply-adds of the low-rank modules."""
+    out = []
+    for row in rows:
+        if row["metric"] != "generation" or "details" not in row:
+            continue
+        out += [f"Generation on {row['dataset']} (ROUGE-L against the dense model's greedy continuation):", "",
+                "| model | ROUGE-L vs dense | ROUGE-L vs reference | prefill tok/s | decode tok/s | "
+                "low-rank MACs/token | MACs saved by decode schedule |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for label in ("dense", "compressed"):
+            d = row["details"][label]
+            if not d:
+                continue
+            out.append(f"| {label} | {row[label]:.3f} | {_number(d.get('rougeL_vs_reference'), '.3f')} | "
+                       f"{_number(d.get('prefill_tok_s'), '.1f')} | {_number(d.get('decode_tok_s'), '.1f')} | "
+                       f"{d.get('lowrank_decode_macs_per_token', 0):,.0f} | {d.get('decode_macs_saved', 0):.1%} |")
+        out.append("")
+    return out

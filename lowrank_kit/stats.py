@@ -87,6 +87,7 @@ class Tap:
     _handles: list[Any] = field(default_factory=list)
     _after_backward: list[Callable[[], None]] = field(default_factory=list)
     _paused: bool = False
+    grad_params: list[nn.Parameter] = field(default_factory=list)  # the parameters whose gradients are read
 
     def watch(self, key: str, module: nn.Module, stat: Statistic, where: Where = "input") -> Statistic:
         """Feed ``stat`` from ``module``'s forward: its first input, its output, or both."""
@@ -121,6 +122,21 @@ class Tap:
         """Run ``callback`` after each calibration batch's backward pass (gradients are set)."""
         self.backward = True
         self._after_backward.append(callback)
+
+    def watch_grad(self, key: str, parameter: nn.Parameter, stat: Statistic) -> Statistic:
+        """Feed ``stat`` with ``parameter.grad`` after every calibration batch's backward pass."""
+        if key in self.stats:
+            return self.stats[key]
+        self.stats[key] = stat
+        self.grad_params.append(parameter)
+
+        def read() -> None:
+            if parameter.grad is None:
+                raise RuntimeError(f"statistic '{key}': the parameter got no gradient")
+            stat.update(parameter.grad)
+
+        self.after_backward(read)
+        return stat
 
     def backward_done(self) -> None:
         for callback in self._after_backward:
@@ -167,3 +183,16 @@ class AngularChange(Statistic):
         angle = torch.nan_to_num(angle, nan=0.5)
         self.sum = self.sum.to(a.device) + angle.sum()
         self.count = self.count.to(a.device) + a.shape[0]
+
+
+class SquaredGrad(Statistic):
+    """Σ over calibration batches of g² per weight element (float32), and the batch count (Fisher)."""
+
+    def __init__(self) -> None:
+        self.sum: torch.Tensor | None = None
+        self.count = torch.zeros((), dtype=torch.float64)
+
+    def update(self, grad: torch.Tensor) -> None:
+        square = grad.detach().float().pow(2)
+        self.sum = square if self.sum is None else self.sum + square
+        self.count = self.count.to(grad.device) + 1

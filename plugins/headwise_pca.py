@@ -35,7 +35,11 @@ def value_bases(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def project_heads(attention: nn.Module, basis: torch.Tensor, groups: int, heads: int) -> tuple[nn.Linear, nn.Linear]:
-    """New v_proj (G·r rows) and o_proj (H·r columns) for a per-group basis [G, d_h, r]."""
+    """New v_proj (G·r rows) and o_proj (H·r columns) for a per-group basis [G, d_h, r].
+
+    Both are rank-major (row k·G + g, column k·H + h; see lowrank_kit.attention), so the first
+    ρ dims of every head form a contiguous slice for progressive decoding.
+    """
     v, o = attention.v_proj, attention.o_proj
     head_dim, rank = basis.shape[1], basis.shape[2]
     dtype = v.weight.dtype
@@ -46,11 +50,11 @@ def project_heads(attention: nn.Module, basis: torch.Tensor, groups: int, heads:
     per_head = basis.repeat_interleave(heads // groups, dim=0)  # [H, d_h, r]
     wo = o.weight.detach().to(torch.float64).view(o.out_features, heads, head_dim)
     with torch.no_grad():
-        new_v.weight.copy_(torch.einsum("gir,gid->grd", basis, wv).reshape(groups * rank, -1))
+        new_v.weight.copy_(torch.einsum("gir,gid->rgd", basis, wv).reshape(rank * groups, -1))
         if v.bias is not None:
             bias = v.bias.detach().to(torch.float64).view(groups, head_dim)
-            new_v.bias.copy_(torch.einsum("gir,gi->gr", basis, bias).flatten())
-        new_o.weight.copy_(torch.einsum("dhi,hir->dhr", wo, per_head).reshape(o.out_features, heads * rank))
+            new_v.bias.copy_(torch.einsum("gir,gi->rg", basis, bias).flatten())
+        new_o.weight.copy_(torch.einsum("dhi,hir->drh", wo, per_head).reshape(o.out_features, rank * heads))
         if o.bias is not None:
             new_o.bias.copy_(o.bias)
     return new_v, new_o

@@ -14,7 +14,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from lowrank_kit import hookimpl
-from lowrank_kit.plan import RankPlan, Unit, achieved_ratio, plan_from_fractions, uniform_fraction
+from lowrank_kit.plan import (
+    RankPlan,
+    Unit,
+    achieved_ratio,
+    capped_shares,
+    largest_meeting_target,
+    plan_from_fractions,
+    uniform_fraction,
+)
 from lowrank_kit.strategy import Strategy
 
 
@@ -25,25 +33,7 @@ class IprsArgs:
 
 def iprs_fractions(scores: list[float], budget: float) -> list[float]:
     """Keep-fractions proportional to ``scores`` summing to ``budget``, capped at 1 with redistribution."""
-    fractions = [0.0] * len(scores)
-    active = list(range(len(scores)))
-    remaining = budget
-    while active:
-        total = sum(scores[i] for i in active)
-        if total <= 0:  # no importance left to split by: share the rest evenly
-            share = {i: remaining / len(active) for i in active}
-        else:
-            share = {i: scores[i] / total * remaining for i in active}
-        capped = [i for i in active if share[i] > 1.0]
-        if not capped:
-            for i in active:
-                fractions[i] = share[i]
-            break
-        for i in capped:
-            fractions[i] = 1.0
-            remaining -= 1.0
-            active.remove(i)
-    return fractions
+    return capped_shares(scores, [1.0] * len(scores), budget)
 
 
 class Iprs(Strategy):
@@ -69,15 +59,8 @@ class Iprs(Strategy):
             return RankPlan(ranks=ranks, allocator=self.name, layer_fractions=list(fractions.values()),
                             notes={"keep_fraction": w, "budget": budget})
 
-        # The largest budget whose rounded ranks still remove at least the target ratio.
-        low, high = 0.0, float(len(layers))
-        for _ in range(50):
-            middle = (low + high) / 2
-            if achieved_ratio(plan_for(middle), units, total) >= run.target_ratio:
-                low = middle
-            else:
-                high = middle
-        plan = plan_for(low)
+        plan = largest_meeting_target(plan_for, float(len(layers)),
+                                      lambda p: achieved_ratio(p, units, total), run.target_ratio)
         plan.notes["uncorrected_budget"] = w * len(layers)
         return plan
 

@@ -28,6 +28,10 @@ class ByteTokenizer:
         ids = list(text.encode("utf-8"))
         return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
 
+    def decode(self, ids: Any, skip_special_tokens: bool = False, **_: Any) -> str:
+        ids = [int(i) for i in ids]
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
     def save_pretrained(self, folder: str | Path) -> None:
         Path(folder, "byte_tokenizer.json").write_text(json.dumps({"kind": "bytes"}))
 
@@ -82,7 +86,7 @@ def tiny_recipe(tmp_path: Path, plugin: str = "svd_llm", ratio: float = 0.3, **e
         "transform": [{"plugin": plugin}],
         "evaluate": [{"dataset": "austen-persuasion", "seq_len": 64, "max_tokens": 512}],
         "runtime": {"accelerator": "cpu"},
-        "output": {"dir": str(tmp_path / "out")},
+        "output": {"dir": str(tmp_path / "out"), "cache_dir": str(tmp_path / "cache")},
     }
     recipe.update(extra)
     return recipe

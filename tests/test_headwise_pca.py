@@ -65,7 +65,8 @@ def test_value_error_equals_dropped_eigenvalues(family: str) -> None:
             small = rec["new_v"](rec["x"])  # [.., G·r]
         groups, head_dim = rec["basis"].shape[:2]
         dense = dense.reshape(-1, groups, head_dim)
-        rebuilt = torch.einsum("gir,ngr->ngi", rec["basis"], small.reshape(-1, groups, rank))
+        small = small.reshape(-1, rank, groups).transpose(1, 2)  # rank-major rows → [n, G, r]
+        rebuilt = torch.einsum("gir,ngr->ngi", rec["basis"], small)
         error = (dense - rebuilt).pow(2).sum()
         assert torch.allclose(error, rec["values"][:, rank:].sum(), rtol=1e-6)
 

@@ -1,0 +1,58 @@
+"""A small JSON cache shared by runs: pass-1 scores and dense-model evaluations.
+
+Entries are keyed by everything that determines them (the model's fingerprint, the data,
+the strategies and their arguments), so a run at another ratio, or another recipe with the
+same scorer, reuses them instead of recomputing (Fisher scoring is minutes of backward passes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def fingerprint(model: nn.Module) -> str:
+    """Identifies a model's weights and config cheaply: the config plus per-tensor sums."""
+    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            digest.update(f"{name}:{tuple(tensor.shape)}:{float(tensor.double().sum()):.10e}".encode())
+    return digest.hexdigest()[:16]
+
+
+class Cache:
+    """``folder/<kind>-<hash>.json`` files; ``folder=None`` disables caching."""
+
+    def __init__(self, folder: str | Path | None):
+        self.folder = Path(folder) if folder else None
+
+    def _path(self, kind: str, key: dict[str, Any]) -> Path | None:
+        if self.folder is None:
+            return None
+        text = json.dumps(key, sort_keys=True, default=str)
+        return self.folder / f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+
+    def get(self, kind: str, key: dict[str, Any]) -> Any:
+        path = self._path(kind, key)
+        if path is None or not path.is_file():
+            return None
+        try:
+            entry = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):  # a damaged entry is recomputed, never trusted
+            return None
+        return entry["value"] if entry.get("key") == json.loads(json.dumps(key, default=str)) else None
+
+    def put(self, kind: str, key: dict[str, Any], value: Any) -> None:
+        path = self._path(kind, key)
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"key": key, "value": value}, default=str))
+        tmp.replace(path)  # atomic: a crash never leaves half an entry

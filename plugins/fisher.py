@@ -1,0 +1,130 @@
+"""FLRC's Fisher-based rank allocation (ALGORITHMS.md §3a): score ``fisher`` and allocator ``fisher``.
+
+Score: squared gradients of the language-modelling loss w.r.t. every projection weight,
+accumulated over calibration batches (one backward pass per batch of ``calibration.batch_size``
+windows, which bounds memory), float32; the importance of projection p is
+s_p = mean over its elements of sqrt(Σ g² / n_batches).
+
+Allocator: the kept parameter budget is split across units in proportion to their importance,
+in parameters (not ranks: shapes differ), each capped at its dense size with the excess
+redistributed, then converted to ranks rounded down to ``multiple``. Units that group several
+projections (head-wise PCA's v+o, Nyström's MLP) take the element-weighted mean of their
+projections' s_p, so the allocator drives any transform. As for IPRS, the budget is then
+bisected so the ratio counted from the rounded ranks meets the target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from lowrank_kit import hookimpl
+from lowrank_kit.adapters import PROJECTIONS
+from lowrank_kit.plan import (
+    RankPlan,
+    Unit,
+    achieved_ratio,
+    capped_shares,
+    largest_meeting_target,
+    uniform_fraction,
+)
+from lowrank_kit.stats import SquaredGrad, Tap
+from lowrank_kit.strategy import NoArgs, Strategy
+
+
+def _key(layer: int, projection: str) -> str:
+    return f"SquaredGrad:layers.{layer}.{projection}"
+
+
+class FisherScore(Strategy):
+    name = "fisher"
+    point = "score"
+    description = "Per-projection importance from squared loss gradients on calibration data (FLRC)."
+    Args = NoArgs
+
+    @hookimpl
+    def lowrank_collect(self, run: Any, tap: Tap, layer: int | None) -> None:
+        if layer is not None:
+            return
+        for index in range(run.geometry.layers):
+            for projection in PROJECTIONS:
+                tap.watch_grad(_key(index, projection), run.adapter.projection(index, projection).weight,
+                               SquaredGrad())
+
+    @hookimpl
+    def lowrank_score(self, run: Any) -> dict[str, float]:
+        scores = {}
+        for index in range(run.geometry.layers):
+            for projection in PROJECTIONS:
+                stat = run.stat(_key(index, projection))
+                scores[f"layers.{index}.{projection}"] = float((stat.sum / stat.count).sqrt().mean())
+        return scores
+
+
+@dataclass
+class FisherAllocatorArgs:
+    multiple: int = field(default=1, metadata={"help": "round ranks down to a multiple of this (8 or 32 on large "
+                                                        "models, for fast kernels)"})
+
+    def check(self, path: str) -> None:
+        from lowrank_kit.schema import RecipeError
+
+        if self.multiple < 1:
+            raise RecipeError(f"{path}.multiple", f"must be at least 1, got {self.multiple}")
+
+
+def unit_importance(unit: Unit, scores: dict[str, float], geometry: Any) -> float:
+    """Element-weighted mean of the Fisher importance of the projections a unit holds."""
+    projections = unit.kind.split("+")
+    names = [f"layers.{unit.layer}.{p}" for p in projections]
+    missing = [n for n in names if n not in scores]
+    if missing or not set(projections) <= set(PROJECTIONS):
+        raise ValueError(f"fisher allocation needs per-projection scores (score: fisher); none for {unit.name}")
+    sizes = [geometry.dense_params(p) for p in projections]
+    return sum(scores[n] * s for n, s in zip(names, sizes, strict=True)) / sum(sizes)
+
+
+def round_rank(unit: Unit, rank: int, multiple: int) -> int:
+    """Round a planned rank down to ``multiple`` (never to 0); ranks that keep the unit dense stay."""
+    if unit.is_dense(rank) or multiple == 1:
+        return rank
+    return max(rank // multiple * multiple, min(multiple, unit.max_rank))
+
+
+class FisherAllocator(Strategy):
+    name = "fisher"
+    point = "allocate"
+    description = "Parameter budget split across projections in proportion to Fisher importance (FLRC)."
+    Args = FisherAllocatorArgs
+    needs_scores = True
+
+    @hookimpl
+    def lowrank_allocate(self, run: Any, units: list[Unit]) -> RankPlan:
+        geometry = run.geometry
+        importance = [unit_importance(u, run.scores, geometry) for u in units]
+        sizes = [float(u.dense_params) for u in units]
+        total = geometry.total_linear_params
+        keep = uniform_fraction(units, total, run.target_ratio)
+        layers = geometry.layers
+
+        def plan_for(budget: float) -> RankPlan:
+            kept = capped_shares(importance, sizes, budget)
+            ranks = {u.name: round_rank(u, u.rank_for_fraction(p / u.dense_params), self.args.multiple)
+                     for u, p in zip(units, kept, strict=True)}
+            plan = RankPlan(ranks=ranks, allocator=self.name)
+            per_layer = [[0, 0] for _ in range(layers)]
+            for u in units:
+                per_layer[u.layer][0] += u.params(plan.rank(u))
+                per_layer[u.layer][1] += u.dense_params
+            plan.layer_fractions = [k / d if d else 1.0 for k, d in per_layer]
+            plan.notes = {"keep_fraction": keep, "budget_params": budget, "multiple": self.args.multiple}
+            return plan
+
+        return largest_meeting_target(plan_for, sum(sizes), lambda p: achieved_ratio(p, units, total),
+                                      run.target_ratio)
+
+
+@hookimpl
+def lowrank_register(registry: Any) -> None:
+    registry.add(FisherScore)
+    registry.add(FisherAllocator)

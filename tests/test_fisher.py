@@ -1,0 +1,119 @@
+"""FLRC's Fisher score and allocator (ALGORITHMS.md §3a): the formula, the budget, the cache."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import ByteTokenizer, tiny_model, tiny_recipe
+from lowrank_kit_plugins.fisher import FisherAllocator, FisherAllocatorArgs, unit_importance
+
+from lowrank_kit import compress
+from lowrank_kit.adapters import PROJECTIONS, Geometry
+from lowrank_kit.plan import achieved_ratio
+from lowrank_kit.transforms import projection_units
+
+FLRC = {"score": "fisher", "allocate": "fisher"}
+
+
+def test_fisher_scores_equal_direct_autograd(tmp_path: Path) -> None:
+    model = tiny_model("llama")
+    dense = copy.deepcopy(model)
+    result = compress(tiny_recipe(tmp_path, "svd_llm", 0.3, **FLRC), model=model, tokenizer=ByteTokenizer(),
+                      progress=False)
+    windows = result.run.calibration
+    weights = {f"layers.{i}.{p}": getattr(layer.self_attn if p in ("q_proj", "k_proj", "v_proj", "o_proj")
+                                          else layer.mlp, p).weight
+               for i, layer in enumerate(dense.model.layers) for p in PROJECTIONS}
+    squares = {name: torch.zeros_like(w) for name, w in weights.items()}
+    batches = windows.split(4)
+    for batch in batches:
+        loss = dense(input_ids=batch, labels=batch).loss
+        grads = torch.autograd.grad(loss, list(weights.values()))
+        for name, grad in zip(weights, grads, strict=True):
+            squares[name] += grad.pow(2)
+    for name, square in squares.items():
+        expected = (square / len(batches)).sqrt().mean().item()
+        assert result.run.scores[name] == pytest.approx(expected, rel=1e-4), name
+    assert all(p.requires_grad for p in model.parameters())  # gradients switched back on after scoring
+
+
+def fake_run(scores: dict[str, float], ratio: float, geometry: Geometry) -> SimpleNamespace:
+    return SimpleNamespace(geometry=geometry, scores=scores, target_ratio=ratio)
+
+
+GEOMETRY = Geometry(layers=4, hidden=96, heads=6, kv_heads=2, head_dim=16, intermediate=256)
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.3, 0.5])
+@pytest.mark.parametrize("multiple", [1, 8])
+def test_allocator_meets_budget_caps_and_order(ratio: float, multiple: int) -> None:
+    run = SimpleNamespace(geometry=GEOMETRY, name="x", targets=PROJECTIONS)
+    units = projection_units(run, "svd_llm", PROJECTIONS)
+    generator = torch.Generator().manual_seed(1)
+    scores = {u.name: float(torch.rand((), generator=generator)) + 0.05 for u in units}
+    scores["layers.2.gate_proj"] = 50.0  # far more important than the rest: kept whole (capped)
+    allocator = FisherAllocator(FisherAllocatorArgs(multiple=multiple))
+    plan = allocator.lowrank_allocate(fake_run(scores, ratio, GEOMETRY), units)
+    achieved = achieved_ratio(plan, units, GEOMETRY.total_linear_params)
+    assert ratio <= achieved < ratio + 0.01
+    by_name = {u.name: u for u in units}
+    assert by_name["layers.2.gate_proj"].is_dense(plan.ranks["layers.2.gate_proj"])
+    for unit in units:
+        rank = plan.ranks[unit.name]
+        assert unit.params(rank) <= unit.dense_params
+        assert unit.is_dense(rank) or rank % multiple == 0
+    # Among projections of one shape, more important ones keep at least as much.
+    for kind in PROJECTIONS:
+        same = sorted((u for u in units if u.kind == kind), key=lambda u: scores[u.name])
+        kept = [u.params(plan.ranks[u.name]) for u in same]
+        slack = multiple * same[0].rank_cost  # rounding down to a multiple can tie neighbours
+        assert all(b >= a - slack for a, b in itertools.pairwise(kept)), kind
+    assert len({plan.ranks[u.name] for u in units if u.kind == "up_proj"}) > 1  # not a uniform split
+
+
+def test_allocator_splits_parameters_not_ranks() -> None:
+    """Equal importance gives equal kept parameters (until a cap), whatever the matrix shape."""
+    run = SimpleNamespace(geometry=GEOMETRY)
+    units = projection_units(run, "svd_llm", ("q_proj", "gate_proj"))
+    plan = FisherAllocator().lowrank_allocate(fake_run(dict.fromkeys((u.name for u in units), 1.0), 0.25, GEOMETRY),
+                                              units)
+    q, gate = units[0], units[1]
+    assert abs(q.params(plan.ranks[q.name]) - gate.params(plan.ranks[gate.name])) <= gate.rank_cost
+
+
+def test_grouped_units_take_element_weighted_importance() -> None:
+    from lowrank_kit.plan import Unit
+
+    unit = Unit("layers.0.v_proj+o_proj", 0, "v_proj+o_proj", "headwise_pca", 1, 1, 1)
+    scores = {"layers.0.v_proj": 1.0, "layers.0.o_proj": 4.0}
+    v, o = GEOMETRY.dense_params("v_proj"), GEOMETRY.dense_params("o_proj")
+    assert unit_importance(unit, scores, GEOMETRY) == pytest.approx((v + 4 * o) / (v + o))
+    with pytest.raises(ValueError, match="score: fisher"):
+        unit_importance(unit, {}, GEOMETRY)
+
+
+def test_scores_are_cached_across_ratios(tmp_path: Path) -> None:
+    first = compress(tiny_recipe(tmp_path, "svd_llm", 0.3, **FLRC), model=tiny_model("llama"),
+                     tokenizer=ByteTokenizer(), progress=False)
+    assert first.run.notes["scores"] == {"cached": False}
+    recipe = tiny_recipe(tmp_path, "svd_llm", 0.5, **FLRC)
+    recipe["output"]["dir"] = str(tmp_path / "out-0.5")
+    second = compress(recipe, model=tiny_model("llama"), tokenizer=ByteTokenizer(), progress=False)
+    assert second.run.notes["scores"] == {"cached": True}
+    assert second.run.scores == first.run.scores
+    other = compress({**recipe, "output": {**recipe["output"], "dir": str(tmp_path / "other")}},
+                     model=tiny_model("llama", seed=5), tokenizer=ByteTokenizer(), progress=False)
+    assert other.run.notes["scores"] == {"cached": False}  # other weights: a different fingerprint
+
+
+def test_fisher_drives_headwise_pca_and_nystrom(tmp_path: Path) -> None:
+    recipe = tiny_recipe(tmp_path, "headwise_pca", 0.3, **FLRC)
+    recipe["transform"] = [{"plugin": "headwise_pca"}, {"plugin": "nystrom"}]
+    result = compress(recipe, model=tiny_model("qwen2"), tokenizer=ByteTokenizer(), progress=False)
+    assert result.report["achieved_ratio"] >= 0.3
+    assert {m["transform"] for m in result.report["modules"]} == {"headwise_pca", "nystrom"}
