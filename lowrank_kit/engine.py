@@ -11,6 +11,7 @@ processes before any decomposition.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 from lightning.fabric import Fabric
+from tqdm.auto import tqdm
 
 from lowrank_kit import io, report
 from lowrank_kit.adapters import adapter_for
@@ -185,12 +187,18 @@ class Engine:
         """Pass 1 on the dense model: gather whole-model statistics, then importances."""
         tap = Tap()
         pm.hook.lowrank_collect(run=run, tap=tap, layer=None)
+        batches = tqdm(self._batches(run), total=-(-len(run.calibration) // run.recipe.calibration.batch_size),
+                       desc="score (forward + backward)" if tap.backward else "score", unit="batch",
+                       disable=not self.progress or run.fabric.global_rank != 0, leave=False, file=sys.stderr)
         with _gradients_only_for(run.model, tap.grad_params):
-            for batch in self._batches(run):
+            for batch in batches:
                 if tap.backward:
-                    with run.fabric.autocast():
-                        loss = run.model(input_ids=batch, labels=batch, use_cache=False).loss
-                    run.fabric.backward(loss)
+                    # The gradient of the batch's mean loss, accumulated over chunks of windows so
+                    # that only one chunk's activations are held for the backward pass.
+                    for chunk in batch.split(run.recipe.runtime.backward_chunk):
+                        with run.fabric.autocast():
+                            loss = run.model(input_ids=chunk, labels=chunk, use_cache=False).loss
+                        run.fabric.backward(loss * len(chunk) / len(batch))
                     tap.backward_done()
                     run.model.zero_grad(set_to_none=True)
                 else:  # the decoder stack only: statistics never need the vocabulary-sized logits

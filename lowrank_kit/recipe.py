@@ -89,6 +89,12 @@ class RuntimeSpec:
     accelerator: str = _help("Lightning Fabric accelerator: auto, cpu, cuda, mps", default="auto")
     devices: int = _help("devices for data-parallel calibration", default=1)
     precision: str = _help("Fabric precision of calibration forwards (statistics stay float64)", default="32-true")
+    backward_chunk: int = _help("windows per backward pass when scoring needs gradients (memory bound); "
+                                "a batch's gradient is accumulated over its chunks", default=1)
+
+    def check(self, path: str) -> None:
+        if self.backward_chunk < 1:
+            raise RecipeError(join(path, "backward_chunk"), f"must be at least 1, got {self.backward_chunk}")
 
 
 @dataclass
