@@ -136,3 +136,44 @@ def generation_prompts(tokenizer: Any, spec: Any, needs_bos: bool = False) -> tu
     prompts = [bos + ids[s : s + length].tolist() for s in starts]
     references = [tokenizer.decode(ids[s + length : s + length + spec.new_tokens].tolist()) for s in starts]
     return prompts, references
+
+
+def _last_word(paragraph: str) -> tuple[str, str] | None:
+    """(context, final word) of a paragraph, or None when it does not end in a plain word."""
+    text = " ".join(paragraph.split())
+    head, _, tail = text.rpartition(" ")
+    word = tail.strip(".,;:!?\"'()[]-_—“”‘’")
+    if not head or not word.isalpha() or not tail.startswith(word[:1]):
+        return None
+    return head, word
+
+
+def lastword_examples(tokenizer: Any, spec: Any, needs_bos: bool = False) -> list[tuple[list[int], list[int]]]:
+    """(context tokens, final-word tokens) of held-out paragraphs, LAMBADA-style.
+
+    From a text: ``spec.prompts`` paragraphs of at least 20 words, evenly spaced over the second
+    half (the first part is where perplexity is measured). From a JSON/JSONL file: the first
+    ``spec.prompts`` rows' ``text_field``. The context is cut to its last ``spec.seq_len`` tokens.
+    """
+    if Path(spec.dataset).suffix.lower() in (".json", ".jsonl"):
+        import datasets
+
+        rows = datasets.load_dataset("json", data_files=spec.dataset, split="train")
+        if spec.text_field not in rows.column_names:
+            raise RecipeError("text_field", f"'{spec.dataset}' has no field '{spec.text_field}'")
+        paragraphs = [str(t) for t in rows[spec.text_field]]
+    else:
+        text = load_text(spec.dataset, "evaluation", spec.text_field)
+        paragraphs = [p for p in text[len(text) // 2 :].split("\n\n")[1:] if len(p.split()) >= 20]
+    pairs = [pair for pair in map(_last_word, paragraphs) if pair is not None]
+    if not pairs:
+        raise ValueError(f"'{spec.dataset}' has no paragraph ending in a word")
+    if len(pairs) > spec.prompts:
+        pairs = [pairs[i] for i in torch.linspace(0, len(pairs) - 1, spec.prompts).long().tolist()]
+    bos = _bos(tokenizer, needs_bos)
+    examples = []
+    for context, word in pairs:
+        target = tokenize(tokenizer, " " + word).tolist()
+        keep = spec.seq_len - len(bos) - len(target)
+        examples.append((bos + tokenize(tokenizer, context).tolist()[-keep:], target))
+    return examples

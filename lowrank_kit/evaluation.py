@@ -1,6 +1,7 @@
 """Evaluation of a (compressed or dense) model.
 
 - perplexity over non-overlapping windows (torchmetrics);
+- lastword: zero-shot accuracy of predicting a held-out paragraph's final word (LAMBADA-style);
 - generation: greedy continuations of held-out prompts through ``model.generate`` with the KV
   cache, ROUGE-L (torchmetrics) against the dense model's continuation and against references
   where present, prefill/decode tokens per second, and the multiply-adds per generated token of
@@ -16,7 +17,7 @@ import torch
 from torchmetrics.text import Perplexity, ROUGEScore
 from tqdm.auto import tqdm
 
-from lowrank_kit.data import evaluation_windows, generation_prompts, load_text, tokenize
+from lowrank_kit.data import evaluation_windows, generation_prompts, lastword_examples, load_text, tokenize
 from lowrank_kit.decoding import full_rank, macs_per_token, rank_modules
 
 
@@ -138,11 +139,44 @@ def generation(model: Any, tokenizer: Any, spec: Any, needs_bos: bool, dense: di
     return row
 
 
+@torch.no_grad()
+def lastword_accuracy(model: Any, examples: list[tuple[list[int], list[int]]], batch_size: int = 8,
+                      device: Any = None, desc: str = "lastword", progress: bool = True) -> float:
+    """Share of examples whose final word the model predicts greedily, every token of it.
+
+    With the context and the word's earlier tokens as input, the argmax at each of the word's
+    positions must be its token: exactly what greedy generation of the word would produce.
+    """
+    device = device or next(model.parameters()).device
+    correct = 0
+    for start in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False, disable=not progress):
+        chunk = examples[start : start + batch_size]
+        rows = [context + target[:-1] for context, target in chunk]
+        width = max(len(r) for r in rows)
+        ids = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):  # right padding: positions of real tokens are unchanged
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        for i, (context, target) in enumerate(chunk):
+            first = len(context) - 1  # the position whose prediction is the word's first token
+            predicted = logits[i, first : first + len(target)].argmax(-1).tolist()
+            correct += predicted == target
+    return correct / len(examples)
+
+
 def evaluate(model: Any, tokenizer: Any, spec: Any, needs_bos: bool, fabric: Any = None,
              desc: str = "perplexity", progress: bool = True, dense: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run one recipe evaluation entry; returns a row for the report (keys starting "_" stay out of it)."""
     if spec.metric == "generation":
         return generation(model, tokenizer, spec, needs_bos, dense, fabric, desc, progress)
+    if spec.metric == "lastword":
+        examples = lastword_examples(tokenizer, spec, needs_bos)
+        device = fabric.device if fabric is not None else None
+        value = lastword_accuracy(model, examples, spec.batch_size, device, desc, progress)
+        return {"metric": "lastword", "dataset": spec.dataset, "tokens": sum(len(c) + len(t) for c, t in examples),
+                "value": value, "examples": len(examples)}
     ids = tokenize(tokenizer, load_text(spec.dataset, "evaluation", spec.text_field))
     windows = evaluation_windows(ids, tokenizer, spec.seq_len, spec.max_tokens, needs_bos)
     value = perplexity(model, windows, fabric, desc=desc, progress=progress)

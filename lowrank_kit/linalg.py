@@ -51,3 +51,10 @@ def whitened_factors(weight: torch.Tensor, gram: torch.Tensor, rank: int) -> Pai
     a, b_white = factors_from_svd(u, s, vh, rank)
     b = torch.linalg.solve_triangular(s_factor, b_white, upper=False, left=False)  # B S = Σ½Vᵀ
     return a, b
+
+
+def scaled_factors(weight: torch.Tensor, scale: torch.Tensor, rank: int) -> Pair:
+    """ASVD: truncated SVD of W diag(s), the scaling undone on the right factor: B ← B diag(s)⁻¹."""
+    scale = scale.to(torch.float64)
+    a, b_scaled = truncated_svd(weight.to(torch.float64) * scale, rank)
+    return a, b_scaled / scale

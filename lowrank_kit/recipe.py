@@ -60,18 +60,20 @@ class TargetSpec:
 
 @dataclass
 class EvalSpec:
-    metric: Literal["perplexity", "generation"] = _help(
-        "perplexity; or generation: greedy continuations scored by ROUGE-L against the dense model's",
-        default="perplexity")
+    metric: Literal["perplexity", "generation", "lastword"] = _help(
+        "perplexity; generation: greedy continuations scored by ROUGE-L against the dense model's; "
+        "lastword: accuracy of predicting held-out paragraphs' final word", default="perplexity")
     dataset: str = _help("evaluation text (see calibration.dataset); for generation also a .jsonl of "
                          "prompt/reference rows", default="austen-persuasion")
-    seq_len: int = _help("perplexity: window length; windows do not overlap", default=512)
+    seq_len: int = _help("perplexity: window length, windows do not overlap; lastword: longest context",
+                         default=512)
     max_tokens: int = _help("perplexity: evaluate on the first this many tokens", default=8192)
     text_field: str = _help("field holding the text in JSON/JSONL files", default="text")
-    prompts: int = _help("generation: number of prompts (passages from the second half of a text)", default=32)
+    prompts: int = _help("generation: number of prompts (passages from the second half of a text); "
+                         "lastword: number of paragraphs", default=32)
     prompt_len: int = _help("generation: prompt length in tokens for passages of a text", default=128)
     new_tokens: int = _help("generation: tokens generated greedily per prompt", default=64)
-    batch_size: int = _help("generation: prompts per generate call", default=8)
+    batch_size: int = _help("generation and lastword: prompts per forward/generate call", default=8)
     prompt_field: str = _help("generation from JSONL: field holding the prompt", default="prompt")
     reference_field: str = _help("generation from JSONL: field holding the reference (optional)",
                                  default="reference")

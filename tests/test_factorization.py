@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import FAMILIES, sample_ids, tiny_model
+from lowrank_kit_plugins.asvd import Asvd, AsvdArgs
 from lowrank_kit_plugins.svd import Svd
 from lowrank_kit_plugins.svd_llm import SvdLlm
 
 from lowrank_kit.adapters import PROJECTIONS, adapter_for
-from lowrank_kit.linalg import truncated_svd, whitened_factors, whitened_svd
+from lowrank_kit.linalg import scaled_factors, truncated_svd, whitened_factors, whitened_svd
 from lowrank_kit.modules import LowRankLinear
 from lowrank_kit.replay import LayerInputs, capture, run_layer
 from lowrank_kit.stats import Gram, Tap
@@ -67,7 +68,7 @@ def _factorize_everything_at_full_rank(model, strategy) -> None:
     for index, layer in enumerate(layers):
         tap = Tap()
         for proj in PROJECTIONS:
-            tap.watch(proj, adapter.projection(index, proj), Gram())
+            tap.watch(proj, adapter.projection(index, proj), strategy.new_statistic() if strategy.statistic else Gram())
         with torch.no_grad():
             run_layer(layer, inputs, index)
         stats = tap.close()
@@ -81,7 +82,7 @@ def _factorize_everything_at_full_rank(model, strategy) -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("strategy", [Svd(), SvdLlm()], ids=["svd", "svd_llm"])
+@pytest.mark.parametrize("strategy", [Svd(), SvdLlm(), Asvd()], ids=["svd", "svd_llm", "asvd"])
 def test_full_rank_reproduces_dense_logits(family: str, strategy) -> None:
     model = tiny_model(family)
     ids = sample_ids(n=2, length=40, seed=3)
@@ -92,3 +93,18 @@ def test_full_rank_reproduces_dense_logits(family: str, strategy) -> None:
     with torch.no_grad():
         compressed = model(input_ids=ids).logits
     assert torch.allclose(dense, compressed, atol=1e-4), (dense - compressed).abs().max()
+
+
+def test_asvd_weighs_channels_by_activation() -> None:
+    """α = 0 is plain SVD; with one loud input channel, ASVD's output error is the lower one."""
+    torch.manual_seed(0)
+    weight = torch.randn(16, 24, dtype=torch.float64)
+    x = torch.randn(400, 24, dtype=torch.float64)
+    x[:, 3] *= 50.0
+    a0, b0 = scaled_factors(weight, torch.ones(24, dtype=torch.float64), 6)
+    pa, pb = truncated_svd(weight, 6)
+    assert torch.allclose(a0 @ b0, pa @ pb)
+    stat = Asvd.statistic()
+    stat.update(x)
+    a, b = Asvd(AsvdArgs(alpha=0.5)).factorize(weight, stat, 6)
+    assert ((weight - a @ b) @ x.T).norm() < ((weight - pa @ pb) @ x.T).norm()
