@@ -13,7 +13,7 @@ from lowrank_kit.hookspecs import hookimpl, hookspec
 from lowrank_kit.strategy import Strategy
 
 __version__ = "0.1.0"
-__all__ = ["Strategy", "__version__", "compress", "hookimpl", "hookspec", "load_pretrained", "load_recipe"]
+__all__ = ["Strategy", "__version__", "bench", "compress", "hookimpl", "hookspec", "load_pretrained", "load_recipe"]
 
 
 def compress(recipe: Any, overrides: dict[str, Any] | list[str] | None = None, **sections: Any) -> Any:
@@ -21,6 +21,13 @@ def compress(recipe: Any, overrides: dict[str, Any] | list[str] | None = None, *
     from lowrank_kit.api import compress as _compress
 
     return _compress(recipe, overrides, **sections)
+
+
+def bench(recipes: list[Any], ratios: list[float], output: Any = "runs/bench", **kwargs: Any) -> list[dict[str, Any]]:
+    """Every recipe at every ratio on one model and data; see ``lowrank_kit.bench.run_bench``."""
+    from lowrank_kit.bench import run_bench
+
+    return run_bench(recipes, ratios, output, **kwargs)
 
 
 def load_pretrained(folder: Any, device: Any = "cpu") -> Any:

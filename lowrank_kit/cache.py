@@ -26,6 +26,10 @@ def fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+# Part of every key: bump it when what an entry means changes, so old entries are not reused.
+VERSION = 2
+
+
 class Cache:
     """``folder/<kind>-<hash>.json`` files; ``folder=None`` disables caching."""
 
@@ -35,7 +39,7 @@ class Cache:
     def _path(self, kind: str, key: dict[str, Any]) -> Path | None:
         if self.folder is None:
             return None
-        text = json.dumps(key, sort_keys=True, default=str)
+        text = json.dumps({**key, "version": VERSION}, sort_keys=True, default=str)
         return self.folder / f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
 
     def get(self, kind: str, key: dict[str, Any]) -> Any:
@@ -46,7 +50,8 @@ class Cache:
             entry = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):  # a damaged entry is recomputed, never trusted
             return None
-        return entry["value"] if entry.get("key") == json.loads(json.dumps(key, default=str)) else None
+        same = entry.get("key") == json.loads(json.dumps({**key, "version": VERSION}, default=str))
+        return entry["value"] if same else None
 
     def put(self, kind: str, key: dict[str, Any], value: Any) -> None:
         path = self._path(kind, key)
@@ -54,5 +59,5 @@ class Cache:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps({"key": key, "value": value}, default=str))
+        tmp.write_text(json.dumps({"key": {**key, "version": VERSION}, "value": value}, default=str))
         tmp.replace(path)  # atomic: a crash never leaves half an entry

@@ -1,10 +1,11 @@
-"""``lowrank-kit compress | validate | plugins | eval``: the same functions as the Python API."""
+"""``lowrank-kit compress | bench | validate | plugins | eval``: the same functions as the Python API."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -78,6 +79,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ratios(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers such as 0.2,0.3,0.5, got '{text}'") from None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from lowrank_kit.bench import run_bench
+
+    rows = run_bench(args.recipes, args.ratios, args.output, args.overrides, args.save_models,
+                     progress=not args.quiet)
+    print(Path(args.output, "bench.md").read_text())
+    failed = [r for r in rows if r.get("error")]
+    print(f"table, plots and per-cell reports in {args.output}" + (f"; {len(failed)} cell(s) failed" if failed else ""))
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowrank-kit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_validate)
     p = sub.add_parser("plugins", help="list every strategy with its hook point and arguments")
     p.set_defaults(func=cmd_plugins)
+    p = sub.add_parser("bench", help="every recipe at every ratio on one model and data: table and plots")
+    p.add_argument("recipes", nargs="+", help="recipes to compare (they must share model, calibration, evaluate)")
+    p.add_argument("--ratios", type=_ratios, default=[0.2, 0.3, 0.5], help="comma-separated, default 0.2,0.3,0.5")
+    p.add_argument("--output", default="runs/bench", help="bench folder (an existing bench folder is resumed)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a field in every recipe (repeatable)")
+    p.add_argument("--save-models", action="store_true", help="also save every compressed model")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_bench)
     p = sub.add_parser("eval", help="perplexity of a saved compressed model or any model")
     p.add_argument("model", help="a folder written by compress, a model alias, folder or hub id")
     p.add_argument("--dataset", default="austen-persuasion")

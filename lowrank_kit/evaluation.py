@@ -179,6 +179,9 @@ def evaluate(model: Any, tokenizer: Any, spec: Any, needs_bos: bool, fabric: Any
                 "value": value, "examples": len(examples)}
     ids = tokenize(tokenizer, load_text(spec.dataset, "evaluation", spec.text_field))
     windows = evaluation_windows(ids, tokenizer, spec.seq_len, spec.max_tokens, needs_bos)
+    start = time.perf_counter()
     value = perplexity(model, windows, fabric, desc=desc, progress=progress)
+    seconds = time.perf_counter() - start
+    # Windows run one at a time: a by-product is the prefill speed at batch 1 (logits included).
     return {"metric": spec.metric, "dataset": spec.dataset, "seq_len": spec.seq_len,
-            "tokens": int(windows.numel()), "value": value}
+            "tokens": int(windows.numel()), "value": value, "prefill_tok_s": windows.numel() / seconds}

@@ -42,12 +42,19 @@ def real_recipe(tmp_path: Path, plugin: str, ratio: float, **extra: Any) -> dict
     )
 
 
-def test_svd_llm_beats_svd_at_equal_ratio_and_reloads(tmp_path: Path, smollm2: tuple[Any, Any]) -> None:
+@pytest.fixture(scope="module")
+def svd_llm_run(tmp_path_factory: pytest.TempPathFactory, smollm2: tuple[Any, Any]) -> Any:
+    """The baseline the other methods are compared with, compressed once for this module."""
     model, tokenizer = smollm2
-    results = {}
-    for plugin in ("svd", "svd_llm"):
-        results[plugin] = compress(real_recipe(tmp_path, plugin, 0.2), model=copy.deepcopy(model),
-                                   tokenizer=tokenizer, progress=False)
+    return compress(real_recipe(tmp_path_factory.mktemp("svd_llm"), "svd_llm", 0.2), model=copy.deepcopy(model),
+                    tokenizer=tokenizer, progress=False)
+
+
+def test_svd_llm_beats_svd_at_equal_ratio_and_reloads(tmp_path: Path, smollm2: tuple[Any, Any],
+                                                      svd_llm_run: Any) -> None:
+    model, tokenizer = smollm2
+    results = {"svd": compress(real_recipe(tmp_path, "svd", 0.2), model=copy.deepcopy(model), tokenizer=tokenizer,
+                               progress=False), "svd_llm": svd_llm_run}
     ppl = {k: r.report["evaluation"][0] for k, r in results.items()}
     dense = ppl["svd"]["dense"]
     assert 10 < dense < 100  # the dequantised SmolLM2 on Austen: about 37 at 512 tokens
@@ -68,16 +75,33 @@ def test_svd_llm_beats_svd_at_equal_ratio_and_reloads(tmp_path: Path, smollm2: t
     assert printed == pytest.approx(ppl["svd_llm"]["compressed"], rel=1e-3)
 
 
-def test_flat_llm_beats_svd_llm_and_generates_after_reload(tmp_path: Path, smollm2: tuple[Any, Any]) -> None:
+def test_flat_llm_beats_svd_llm_and_generates_after_reload(tmp_path: Path, smollm2: tuple[Any, Any],
+                                                           svd_llm_run: Any) -> None:
     model, tokenizer = smollm2
     flat = compress(real_recipe(tmp_path, "flat", 0.2, score="angular_importance", allocate="iprs",
                                 transform=[{"plugin": "headwise_pca"}, {"plugin": "nystrom"}]),
                     model=copy.deepcopy(model), tokenizer=tokenizer, progress=False)
-    svd_llm = compress(real_recipe(tmp_path, "svd_llm", 0.2), model=copy.deepcopy(model), tokenizer=tokenizer,
-                       progress=False)
+    svd_llm = svd_llm_run
     assert abs(flat.report["achieved_ratio"] - 0.2) <= 0.002
     assert flat.report["evaluation"][0]["compressed"] < svd_llm.report["evaluation"][0]["compressed"]
     reloaded = load_pretrained(flat.output_dir)
     prompt = tokenizer("Anne Elliot walked to the window and", return_tensors="pt").input_ids
     kwargs = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": tokenizer.eos_token_id}
     assert torch.equal(flat.model.generate(prompt, **kwargs), reloaded.generate(prompt, **kwargs))
+
+
+def test_flrc_beats_uniform_svd_llm_and_decodes_progressively_after_reload(
+        tmp_path: Path, smollm2: tuple[Any, Any], svd_llm_run: Any) -> None:
+    model, tokenizer = smollm2
+    decode = {"plugin": "progressive", "stages": [[0, 1.0], [4, 0.5]], "floor": 0.5}
+    flrc = compress(real_recipe(tmp_path, "svd_llm", 0.2, name="real-flrc", score="fisher", allocate="fisher",
+                                decode=decode), model=copy.deepcopy(model), tokenizer=tokenizer, progress=False)
+    assert abs(flrc.report["achieved_ratio"] - 0.2) <= 0.002
+    assert flrc.report["evaluation"][0]["compressed"] < svd_llm_run.report["evaluation"][0]["compressed"]
+    ranks = {m["rank"] for m in flrc.report["modules"] if m["kind"] == "down_proj"}
+    assert len(ranks) > 1  # Fisher importance differs across layers
+    reloaded = load_pretrained(flrc.output_dir)
+    prompt = tokenizer("Captain Wentworth looked at Anne and", return_tensors="pt").input_ids
+    kwargs = {"max_new_tokens": 10, "min_new_tokens": 10, "do_sample": False, "pad_token_id": tokenizer.eos_token_id}
+    assert torch.equal(flrc.model.generate(prompt, **kwargs), reloaded.generate(prompt, **kwargs))
+    assert [f for _, f in reloaded.lowrank_decoder.trace] == [1.0] * 4 + [0.5] * 6
