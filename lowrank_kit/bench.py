@@ -2,9 +2,11 @@
 
 The dense model is loaded once and copied for each cell; pass-1 scores and the dense model's
 evaluations come from the shared cache, so Fisher scoring or the dense generations run once
-for the whole table. Each finished cell is written at once (its report under ``cells/``, the
-table rewritten), so an interrupted bench loses nothing and a re-run skips finished cells. A
-cell that fails is a row with its error; the others still run.
+for the whole table. A recipe that differs from the one before only in its decode strategy
+(flrc after flrc_static) reuses that compressed model instead of compressing again. Each
+finished cell is written at once (its report under ``cells/``, the table rewritten), so an
+interrupted bench loses nothing and a re-run skips finished cells. A cell that fails is a row
+with its error; the others still run.
 """
 
 from __future__ import annotations
@@ -22,14 +24,14 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from lowrank_kit.api import resolve_recipe
-from lowrank_kit.engine import Engine
+from lowrank_kit.engine import Engine, same_compression
 from lowrank_kit.models import load_model
 from lowrank_kit.recipe import Recipe
 from lowrank_kit.schema import RecipeError, to_dict
 
 SHARED = ("model", "calibration", "evaluate")  # what every recipe of a bench must agree on
 COLUMNS = ("recipe", "target_ratio", "achieved_ratio", "perplexity", "lastword_acc", "rougeL_vs_dense",
-           "compress_s", "peak_rss_mb", "prefill_tok_s", "decode_tok_s", "error")
+           "decode_macs_saved", "compress_s", "peak_rss_mb", "prefill_tok_s", "decode_tok_s", "error")
 
 
 class PeakMemory:
@@ -108,6 +110,7 @@ def row_from_report(recipe: Recipe, report: dict[str, Any], peak_mb: float | Non
         elif entry["metric"] == "generation" and "rougeL_vs_dense" not in row:
             row["rougeL_vs_dense"] = entry["compressed"]
             row["decode_tok_s"] = details.get("decode_tok_s")
+            row["decode_macs_saved"] = details.get("decode_macs_saved")
     timings = report["timings_s"]
     row["compress_s"] = sum(timings.get(k, 0.0) for k in ("calibration data", "score", "allocate", "compress"))
     row["peak_rss_mb"] = peak_mb if peak_mb is not None else report.get("peak_rss_mb")
@@ -138,6 +141,8 @@ def _fmt(value: Any, column: str) -> str:
         return f"{value:g}"
     if column in ("achieved_ratio", "lastword_acc", "rougeL_vs_dense"):
         return f"{value:.4f}" if column == "achieved_ratio" else f"{value:.3f}"
+    if column == "decode_macs_saved":
+        return f"{value:.1%}"
     if isinstance(value, float):
         return f"{value:,.1f}"
     return str(value)
@@ -236,6 +241,7 @@ def run_bench(recipes: list[str | Path], ratios: list[float], output: str | Path
     plans: dict[tuple[str, float], list[float]] = {}
     log = output / "bench.log"
     bar = tqdm(cells, desc="bench", unit="cell", disable=not progress)
+    previous: Any = None  # the last compressed run, reused by a recipe that differs only in decode
     for recipe in bar:
         bar.set_postfix_str(f"{recipe.name} @ {recipe.target.ratio:g}")
         folder = recipe.output_dir()
@@ -245,9 +251,15 @@ def run_bench(recipes: list[str | Path], ratios: list[float], output: str | Path
                 report = json.loads(saved.read_text())
                 peak = report.get("bench_peak_rss_mb")
             else:
+                engine = Engine(recipe, progress=progress, overwrite=True)
                 with PeakMemory() as memory:
-                    result = Engine(recipe, progress=progress, overwrite=True).run(copy.deepcopy(pristine),
-                                                                                  tokenizer)
+                    if previous is not None and previous.run.recipe.decode is None and same_compression(
+                            recipe, previous.run.recipe):
+                        result = engine.run(reuse=previous)
+                    else:
+                        previous = None  # free the last compressed model before making the next
+                        result = engine.run(copy.deepcopy(pristine), tokenizer)
+                previous = result
                 report, peak = result.report, memory.peak_mb
                 report["bench_peak_rss_mb"] = peak
                 saved.write_text(json.dumps(report, indent=2))

@@ -11,10 +11,11 @@ processes before any decomposition.
 from __future__ import annotations
 
 import contextlib
+import copy
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,8 @@ class Result:
     report: dict[str, Any]
     output_dir: Path | None
     run: RunState
+    evaluations: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    dense_params: int = 0
 
 
 class Engine:
@@ -71,9 +74,16 @@ class Engine:
         self.timings[name] = self.timings.get(name, 0.0) + seconds
         self._emit("on_phase_end", name, seconds)
 
-    def run(self, model: Any = None, tokenizer: Any = None) -> Result:
-        """Compress. A model passed in (e.g. a tiny one in tests) is used instead of loading one."""
+    def run(self, model: Any = None, tokenizer: Any = None, reuse: Result | None = None) -> Result:
+        """Compress. A model passed in (e.g. a tiny one in tests) is used instead of loading one.
+
+        ``reuse`` is the result of a run without a decode strategy whose recipe differs from this
+        one at most in ``decode``, ``name`` and ``output``: its compressed model is copied and
+        only decoding, evaluation and saving run (the report keeps that run's compression times).
+        """
         recipe = self.recipe
+        if reuse is not None:
+            return self._reuse(reuse)
         out_dir = recipe.output_dir()
         io.check_output_dir(out_dir, self.overwrite)
         strategies = [choice.build() for choice in recipe.strategies()]
@@ -90,6 +100,32 @@ class Engine:
         self.run_state = run
         self._emit("on_run_start")
         dense_params = io.count_params(model)
+        evaluations = self._compress(run, pm)
+        return self._finish(run, pm, evaluations, dense_params)
+
+    def _reuse(self, earlier: Result) -> Result:
+        """Decode, evaluate and save a copy of an earlier run's compressed model (see ``run``)."""
+        recipe, before = self.recipe, earlier.run.recipe
+        if before.decode is not None or not same_compression(recipe, before):
+            raise ValueError(f"cannot reuse run '{before.name}': only a run without decode whose recipe differs "
+                             "at most in decode, name and output can be reused")
+        io.check_output_dir(recipe.output_dir(), self.overwrite)
+        pm = run_manager([choice.build() for choice in recipe.strategies()])
+        model = copy.deepcopy(earlier.model)
+        run = RunState(recipe=recipe, model=model, tokenizer=earlier.tokenizer, adapter=adapter_for(model),
+                       fabric=earlier.run.fabric, calibration=earlier.run.calibration, scores=earlier.run.scores,
+                       units=earlier.run.units, plan=earlier.run.plan,
+                       notes={**earlier.run.notes, "compression_reused_from": before.name})
+        self.run_state = run
+        self._emit("on_run_start")
+        skip = ("evaluate compressed", "save")
+        self.timings = {k: v for k, v in earlier.report["timings_s"].items() if k not in skip}
+        evaluations = {"dense": earlier.evaluations["dense"], "compressed": []}
+        return self._finish(run, pm, evaluations, earlier.dense_params)
+
+    def _compress(self, run: RunState, pm: Any) -> dict[str, list[dict[str, Any]]]:
+        """Dense evaluations, then pass 1, allocation and pass 2; returns the evaluations so far."""
+        recipe, fabric, tokenizer = run.recipe, run.fabric, run.tokenizer
         evaluations: dict[str, list[dict[str, Any]]] = {"dense": [], "compressed": []}
         with self.phase("evaluate dense"):
             evaluations["dense"] = self._dense_evaluations(run)
@@ -109,6 +145,13 @@ class Engine:
                 raise RuntimeError(f"allocator '{recipe.allocate.plugin}' returned no plan")
         with self.phase("compress"):
             self._compress_pass(run, pm)
+        return evaluations
+
+    def _finish(self, run: RunState, pm: Any, evaluations: dict[str, list[dict[str, Any]]],
+                dense_params: int) -> Result:
+        """Decode, evaluate the compressed model, save, report."""
+        recipe, model, fabric = run.recipe, run.model, run.fabric
+        out_dir = recipe.output_dir()
         pm.hook.lowrank_decode(run=run, model=model)
         with self.phase("evaluate compressed"):
             evaluations["compressed"] = self._evaluate(run, "compressed", evaluations["dense"])
@@ -120,7 +163,8 @@ class Engine:
         files = {"generations.jsonl": report.generations_jsonl(evaluations)}
         saved = io.finish(run, partial, out_dir, rep, self.overwrite, files) if partial is not None else None
         self._emit("on_run_end", rep)
-        return Result(model=model, tokenizer=tokenizer, report=rep, output_dir=saved, run=run)
+        return Result(model=model, tokenizer=run.tokenizer, report=rep, output_dir=saved, run=run,
+                      evaluations=evaluations, dense_params=dense_params)
 
     def _dense_fingerprint(self, run: RunState) -> str:
         """The dense model's identity for cache keys, taken before any layer is compressed."""
@@ -266,3 +310,9 @@ def _gradients_only_for(model: Any, params: list[torch.nn.Parameter]) -> Iterato
     finally:
         for name, p in model.named_parameters():
             p.requires_grad_(before[name])
+
+
+def same_compression(a: Recipe, b: Recipe) -> bool:
+    """Whether two recipes compress identically (they may differ in decode, name and output)."""
+    first, second = a.to_dict(), b.to_dict()
+    return all(first[k] == second[k] for k in first if k not in ("name", "decode", "output"))

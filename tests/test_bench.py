@@ -68,3 +68,18 @@ def test_bench_never_writes_into_a_foreign_folder(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match="other files"):
         bench(recipes(tmp_path)[:1], [0.2], tmp_path / "mine", model=tiny_model("llama"), tokenizer=ByteTokenizer())
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_a_decode_only_variant_reuses_the_compressed_model(tmp_path: Path) -> None:
+    static = tiny_recipe(tmp_path, "svd_llm", name="static", evaluate=EVALUATE[:1] + EVALUATE[2:])
+    progressive = {**static, "name": "progressive", "decode": {"plugin": "progressive", "stages": [[0, 0.5]]}}
+    rows = bench([static, progressive], [0.3], tmp_path / "b", model=tiny_model("llama"), tokenizer=ByteTokenizer(),
+                 progress=False)
+    assert rows[1]["perplexity"] == rows[2]["perplexity"]  # the same compressed weights (prefill at full rank)
+    assert rows[1]["compress_s"] == pytest.approx(rows[2]["compress_s"], abs=0.05)
+    assert rows[1]["decode_macs_saved"] == 0 and rows[2]["decode_macs_saved"] > 0.4
+    import json
+
+    report = json.loads((tmp_path / "b" / "cells" / "progressive-0.3" / "report.json").read_text())
+    assert report["notes"]["compression_reused_from"] == "static"
+    assert report["strategies"]["decode"] == "progressive"
