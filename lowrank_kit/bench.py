@@ -79,8 +79,8 @@ def plan_cells(recipes: list[str | Path], ratios: list[float], output: Path,
         if not 0.0 < ratio < 1.0:
             raise RecipeError("--ratios", f"every ratio must lie strictly between 0 and 1, got {ratio}")
     cells = []
-    for path in recipes:
-        for ratio in ratios:
+    for ratio in ratios:  # ratio by ratio, so a decode-only variant follows its base recipe
+        for path in recipes:
             recipe = resolve_recipe(path, [*(overrides or []), f"target.ratio={ratio}",
                                            f"output.save_model={str(save_models).lower()}"])
             folder = output / "cells" / f"{recipe.name}-{ratio:g}"
