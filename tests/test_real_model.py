@@ -34,12 +34,13 @@ def smollm2() -> tuple[Any, Any]:
 
 def real_recipe(tmp_path: Path, plugin: str, ratio: float, **extra: Any) -> dict[str, Any]:
     """The tiny-model recipe pointed at SmolLM2, with windows of 256 tokens."""
-    return tiny_recipe(
-        tmp_path, plugin, ratio, name=f"real-{plugin}", model={"path": "smollm2-135m"},
-        calibration={"dataset": "austen-emma", "samples": 8, "seq_len": 256, "seed": 0, "batch_size": 4},
-        evaluate=[{"dataset": "austen-persuasion", "seq_len": 256, "max_tokens": 2048}],
-        output={"dir": str(tmp_path / plugin)}, **extra,
-    )
+    settings: dict[str, Any] = {
+        "name": f"real-{plugin}", "model": {"path": "smollm2-135m"},
+        "calibration": {"dataset": "austen-emma", "samples": 8, "seq_len": 256, "seed": 0, "batch_size": 4},
+        "evaluate": [{"dataset": "austen-persuasion", "seq_len": 256, "max_tokens": 2048}],
+        "output": {"dir": str(tmp_path / plugin), "cache_dir": str(tmp_path / "cache")},
+    }
+    return tiny_recipe(tmp_path, plugin, ratio, **{**settings, **extra})
 
 
 @pytest.fixture(scope="module")
