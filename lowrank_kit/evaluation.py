@@ -149,6 +149,7 @@ def lastword_accuracy(model: Any, examples: list[tuple[list[int], list[int]]], b
     """
     device = device or next(model.parameters()).device
     correct = 0
+    examples = sorted(examples, key=lambda e: len(e[0]) + len(e[1]))  # similar lengths batch with little padding
     for start in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False, disable=not progress):
         chunk = examples[start : start + batch_size]
         rows = [context + target[:-1] for context, target in chunk]
