@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import gc
 import io as text_io
 import json
 import threading
@@ -257,7 +258,8 @@ def run_bench(recipes: list[str | Path], ratios: list[float], output: str | Path
                             recipe, previous.run.recipe):
                         result = engine.run(reuse=previous)
                     else:
-                        previous = None  # free the last compressed model before making the next
+                        previous = result = None  # free the last compressed model before making the next
+                        gc.collect()
                         result = engine.run(copy.deepcopy(pristine), tokenizer)
                 previous = result
                 report, peak = result.report, memory.peak_mb
