@@ -25,20 +25,34 @@ from torch.nn import functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
+from lowrank_kit.modules import SliceableRank
 
-class ValueDimAttention:
-    """Mixin placed before the original attention class; ``v_head_dim`` is set per layer."""
+
+class ValueDimAttention(SliceableRank):
+    """Mixin placed before the original attention class; ``v_head_dim`` is set per layer.
+
+    Its rank is the value head dim: progressive decoding keeps the first ``active_rank`` of them.
+    """
 
     v_head_dim: int
-    active_rank: int | None = None  # value dims in use per head (progressive decoding); None: all
+
+    @property
+    def full_rank(self) -> int:
+        return self.v_head_dim
+
+    def macs_per_token(self, rank: int) -> int:
+        """v_proj's G·rank outputs and o_proj's H·rank inputs."""
+        module: Any = self
+        groups = module.v_proj.out_features // self.v_head_dim
+        heads = module.o_proj.in_features // self.v_head_dim
+        return rank * (module.v_proj.in_features * groups + module.o_proj.out_features * heads)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: Any = None,
                 attention_mask: torch.Tensor | None = None, past_key_values: Any = None,
                 **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         module: Any = self
         input_shape = hidden_states.shape[:-1]
-        rank = self.v_head_dim
-        active = rank if self.active_rank is None else min(self.active_rank, rank)
+        rank, active = self.v_head_dim, self.used_rank()
         query = module.q_proj(hidden_states).view(*input_shape, -1, module.head_dim).transpose(1, 2)
         key = module.k_proj(hidden_states).view(*input_shape, -1, module.head_dim).transpose(1, 2)
         v = module.v_proj

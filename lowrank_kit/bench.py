@@ -16,6 +16,7 @@ import csv
 import gc
 import io as text_io
 import json
+import os
 import threading
 import time
 import traceback
@@ -52,8 +53,6 @@ class PeakMemory:
             from lowrank_kit.report import peak_memory_mb
 
             return peak_memory_mb()["peak_rss_mb"]
-        import os
-
         return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
     def _sample(self) -> None:
@@ -97,56 +96,49 @@ def plan_cells(recipes: list[str | Path], ratios: list[float], output: Path,
     return cells
 
 
+def _evaluation_columns(report: dict[str, Any], side: str) -> dict[str, Any]:
+    """Perplexity, last-word, ROUGE-L and speed of the ``side`` ("dense" or "compressed") model.
+
+    The first evaluation of each metric fills the columns.
+    """
+    columns: dict[str, Any] = {}
+    for entry in report["evaluation"]:
+        details = entry.get("details", {}).get(side, {})
+        if entry["metric"] == "perplexity" and "perplexity" not in columns:
+            columns.update(perplexity=entry.get(side), prefill_tok_s=details.get("prefill_tok_s"))
+        elif entry["metric"] == "lastword" and "lastword_acc" not in columns:
+            columns["lastword_acc"] = entry.get(side)
+        elif entry["metric"] == "generation" and "rougeL_vs_dense" not in columns:
+            columns.update(rougeL_vs_dense=entry.get(side), decode_tok_s=details.get("decode_tok_s"),
+                           decode_macs_saved=details.get("decode_macs_saved"))
+    return columns
+
+
 def row_from_report(recipe: Recipe, report: dict[str, Any], peak_mb: float | None) -> dict[str, Any]:
     """The table row of one finished cell: every figure read from its report."""
-    row: dict[str, Any] = {"recipe": recipe.name, "target_ratio": recipe.target.ratio,
-                           "achieved_ratio": report["achieved_ratio"]}
-    for entry in report["evaluation"]:
-        details = entry.get("details", {}).get("compressed", {})
-        if entry["metric"] == "perplexity" and "perplexity" not in row:
-            row["perplexity"] = entry["compressed"]
-            row["prefill_tok_s"] = details.get("prefill_tok_s")
-        elif entry["metric"] == "lastword" and "lastword_acc" not in row:
-            row["lastword_acc"] = entry["compressed"]
-        elif entry["metric"] == "generation" and "rougeL_vs_dense" not in row:
-            row["rougeL_vs_dense"] = entry["compressed"]
-            row["decode_tok_s"] = details.get("decode_tok_s")
-            row["decode_macs_saved"] = details.get("decode_macs_saved")
     timings = report["timings_s"]
-    row["compress_s"] = sum(timings.get(k, 0.0) for k in ("calibration data", "score", "allocate", "compress"))
-    row["peak_rss_mb"] = peak_mb if peak_mb is not None else report.get("peak_rss_mb")
-    return row
+    return {"recipe": recipe.name, "target_ratio": recipe.target.ratio, "achieved_ratio": report["achieved_ratio"],
+            **_evaluation_columns(report, "compressed"),
+            "compress_s": sum(timings.get(k, 0.0) for k in ("calibration data", "score", "allocate", "compress")),
+            "peak_rss_mb": peak_mb if peak_mb is not None else report.get("peak_rss_mb")}
 
 
 def dense_row(report: dict[str, Any]) -> dict[str, Any]:
-    row: dict[str, Any] = {"recipe": "dense", "target_ratio": 0.0, "achieved_ratio": 0.0}
-    for entry in report["evaluation"]:
-        details = entry.get("details", {}).get("dense", {})
-        if entry["metric"] == "perplexity":
-            row.setdefault("perplexity", entry.get("dense"))
-            row.setdefault("prefill_tok_s", details.get("prefill_tok_s"))
-        elif entry["metric"] == "lastword":
-            row.setdefault("lastword_acc", entry.get("dense"))
-        elif entry["metric"] == "generation":
-            row.setdefault("rougeL_vs_dense", entry.get("dense"))
-            row.setdefault("decode_tok_s", details.get("decode_tok_s"))
+    row = {"recipe": "dense", "target_ratio": 0.0, "achieved_ratio": 0.0, **_evaluation_columns(report, "dense")}
+    row.pop("decode_macs_saved", None)  # no schedule on the dense model
     return row
+
+
+FORMATS = {"perplexity": ",.2f", "target_ratio": "g", "achieved_ratio": ".4f", "lastword_acc": ".3f",
+           "rougeL_vs_dense": ".3f", "decode_macs_saved": ".1%"}
 
 
 def _fmt(value: Any, column: str) -> str:
     if value is None or value == "":
         return "–"
-    if column == "perplexity":
-        return f"{value:,.2f}"
-    if column in ("target_ratio",):
-        return f"{value:g}"
-    if column in ("achieved_ratio", "lastword_acc", "rougeL_vs_dense"):
-        return f"{value:.4f}" if column == "achieved_ratio" else f"{value:.3f}"
-    if column == "decode_macs_saved":
-        return f"{value:.1%}"
-    if isinstance(value, float):
-        return f"{value:,.1f}"
-    return str(value)
+    if column in FORMATS:
+        return format(value, FORMATS[column])
+    return f"{value:,.1f}" if isinstance(value, float) else str(value)
 
 
 def write_table(rows: list[dict[str, Any]], output: Path) -> None:

@@ -36,10 +36,15 @@ class Cache:
     def __init__(self, folder: str | Path | None):
         self.folder = Path(folder) if folder else None
 
+    @staticmethod
+    def _full_key(key: dict[str, Any]) -> Any:
+        """The key as stored: versioned, and in its JSON form (tuples become lists)."""
+        return json.loads(json.dumps({**key, "version": VERSION}, default=str))
+
     def _path(self, kind: str, key: dict[str, Any]) -> Path | None:
         if self.folder is None:
             return None
-        text = json.dumps({**key, "version": VERSION}, sort_keys=True, default=str)
+        text = json.dumps(self._full_key(key), sort_keys=True)
         return self.folder / f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
 
     def get(self, kind: str, key: dict[str, Any]) -> Any:
@@ -50,8 +55,7 @@ class Cache:
             entry = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):  # a damaged entry is recomputed, never trusted
             return None
-        same = entry.get("key") == json.loads(json.dumps({**key, "version": VERSION}, default=str))
-        return entry["value"] if same else None
+        return entry["value"] if entry.get("key") == self._full_key(key) else None
 
     def put(self, kind: str, key: dict[str, Any], value: Any) -> None:
         path = self._path(kind, key)
@@ -59,5 +63,5 @@ class Cache:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps({"key": {**key, "version": VERSION}, "value": value}, default=str))
+        tmp.write_text(json.dumps({"key": self._full_key(key), "value": value}, default=str))
         tmp.replace(path)  # atomic: a crash never leaves half an entry

@@ -43,6 +43,24 @@ def check_name(name: str, path: str) -> None:
     )
 
 
+def is_json(name: str) -> bool:
+    return Path(name).suffix.lower() in (".json", ".jsonl")
+
+
+def json_column(name: str, field: str, key: str, optional: bool = False) -> list[str]:
+    """One field of every row of a local JSON/JSONL file (empty if ``optional`` and missing);
+    ``key`` names the recipe field in errors."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    rows = datasets.load_dataset("json", data_files=name, split="train")
+    if field not in rows.column_names:
+        if optional:
+            return []
+        raise RecipeError(key, f"'{name}' has no field '{field}'; fields: {rows.column_names}")
+    return [str(value) for value in rows[field]]
+
+
 @functools.lru_cache(maxsize=8)
 def load_text(name: str, purpose: str = "calibration", text_field: str = "text") -> str:
     """The whole text of a dataset as one string (documents joined by blank lines)."""
@@ -53,11 +71,8 @@ def load_text(name: str, purpose: str = "calibration", text_field: str = "text")
         path = BUILTIN.get(name, Path(name))
         ds = datasets.load_dataset("text", data_files=str(path), sample_by="document", split="train")
         return "\n\n".join(ds["text"])
-    if Path(name).suffix.lower() in LOCAL_SUFFIXES:
-        ds = datasets.load_dataset("json", data_files=name, split="train")
-        if text_field not in ds.column_names:
-            raise RecipeError("text_field", f"'{name}' has no field '{text_field}'; fields: {ds.column_names}")
-        return "\n\n".join(str(t) for t in ds[text_field])
+    if is_json(name):
+        return "\n\n".join(json_column(name, text_field, "text_field"))
     if name in HUB:
         hub_path, config, calib_split, eval_split, field = HUB[name]
         split = calib_split if purpose == "calibration" else eval_split
@@ -116,17 +131,10 @@ def generation_prompts(tokenizer: Any, spec: Any, needs_bos: bool = False) -> tu
     next ``spec.new_tokens`` tokens as its reference. From a JSONL file: its prompt/reference rows.
     """
     bos = _bos(tokenizer, needs_bos)
-    if Path(spec.dataset).suffix.lower() in (".json", ".jsonl"):
-        import datasets
-
-        rows = datasets.load_dataset("json", data_files=spec.dataset, split="train")
-        if spec.prompt_field not in rows.column_names:
-            raise RecipeError("prompt_field", f"'{spec.dataset}' has no field '{spec.prompt_field}'; "
-                                              f"fields: {rows.column_names}")
-        rows = rows.select(range(min(spec.prompts, len(rows))))
-        prompts = [bos + tokenize(tokenizer, str(text)).tolist() for text in rows[spec.prompt_field]]
-        has_refs = spec.reference_field in rows.column_names
-        return prompts, [str(r) for r in rows[spec.reference_field]] if has_refs else []
+    if is_json(spec.dataset):
+        texts = json_column(spec.dataset, spec.prompt_field, "prompt_field")[: spec.prompts]
+        references = json_column(spec.dataset, spec.reference_field, "reference_field", optional=True)
+        return [bos + tokenize(tokenizer, text).tolist() for text in texts], references[: spec.prompts]
     ids = tokenize(tokenizer, load_text(spec.dataset, "evaluation", spec.text_field))
     length = spec.prompt_len - len(bos)
     first, last = ids.numel() // 2, ids.numel() - length - spec.new_tokens
@@ -155,13 +163,8 @@ def lastword_examples(tokenizer: Any, spec: Any, needs_bos: bool = False) -> lis
     half (the first part is where perplexity is measured). From a JSON/JSONL file: the first
     ``spec.prompts`` rows' ``text_field``. The context is cut to its last ``spec.seq_len`` tokens.
     """
-    if Path(spec.dataset).suffix.lower() in (".json", ".jsonl"):
-        import datasets
-
-        rows = datasets.load_dataset("json", data_files=spec.dataset, split="train")
-        if spec.text_field not in rows.column_names:
-            raise RecipeError("text_field", f"'{spec.dataset}' has no field '{spec.text_field}'")
-        paragraphs = [str(t) for t in rows[spec.text_field]]
+    if is_json(spec.dataset):
+        paragraphs = json_column(spec.dataset, spec.text_field, "text_field")
     else:
         text = load_text(spec.dataset, "evaluation", spec.text_field)
         paragraphs = [p for p in text[len(text) // 2 :].split("\n\n")[1:] if len(p.split()) >= 20]

@@ -16,35 +16,24 @@ from typing import Any
 
 from torch import nn
 
-from lowrank_kit.attention import ValueDimAttention
-from lowrank_kit.modules import LowRankLinear
+from lowrank_kit.modules import SliceableRank
 
 
-def rank_modules(model: nn.Module) -> list[nn.Module]:
+def rank_modules(model: nn.Module) -> list[SliceableRank]:
     """Modules whose rank can be sliced at generation time."""
-    return [m for m in model.modules() if isinstance(m, (LowRankLinear, ValueDimAttention))]
+    return [m for m in model.modules() if isinstance(m, SliceableRank)]
 
 
-def full_rank(module: nn.Module) -> int:
-    return module.v_head_dim if isinstance(module, ValueDimAttention) else module.rank
+def is_prompt(kwargs: dict[str, Any]) -> bool:
+    """Whether a forward of ``generate`` processes a prompt (empty or no KV cache) rather than a new token."""
+    cache = kwargs.get("past_key_values")
+    return cache is None or cache.get_seq_length() == 0
 
 
-def macs_per_token(module: nn.Module, rank: int | None = None) -> int:
-    """Multiply-adds per token of a rank module's low-rank products at ``rank`` (default: its active rank)."""
-    if rank is None:
-        rank = full_rank(module) if module.active_rank is None else min(module.active_rank, full_rank(module))
-    if isinstance(module, ValueDimAttention):
-        v, o = module.v_proj, module.o_proj
-        per_dim = v.in_features * (v.out_features // module.v_head_dim) + o.out_features * (
-            o.in_features // module.v_head_dim)
-        return rank * per_dim
-    return rank * (module.in_features + module.out_features)
-
-
-def set_fraction(modules: list[nn.Module], fraction: float) -> None:
+def set_fraction(modules: list[SliceableRank], fraction: float) -> None:
     """Keep ``fraction`` of every module's allocated rank (at least 1); 1.0 restores all of it."""
     for module in modules:
-        module.active_rank = None if fraction >= 1.0 else max(1, math.floor(fraction * full_rank(module) + 1e-6))
+        module.active_rank = None if fraction >= 1.0 else max(1, math.floor(fraction * module.full_rank + 1e-6))
 
 
 class ProgressiveDecoder:
@@ -74,10 +63,9 @@ class ProgressiveDecoder:
         return max(kept, self.floor)
 
     def _before_forward(self, _model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        cache = kwargs.get("past_key_values")
         tokens = kwargs.get("input_ids", args[0] if args else None)
         fed = tokens.shape[1] if tokens is not None else kwargs["inputs_embeds"].shape[1]
-        if cache is None or cache.get_seq_length() == 0:  # a prompt: all of the allocated rank
+        if is_prompt(kwargs):  # all of the allocated rank
             self.generated, fraction = 0, 1.0
             self.trace = []
         else:  # this forward feeds the last `fed` tokens and produces the next one

@@ -154,7 +154,8 @@ class Engine:
         out_dir = recipe.output_dir()
         pm.hook.lowrank_decode(run=run, model=model)
         with self.phase("evaluate compressed"):
-            evaluations["compressed"] = self._evaluate(run, "compressed", evaluations["dense"])
+            evaluations["compressed"] = [self._evaluate_one(run, spec, "compressed", dense)
+                                         for spec, dense in zip(recipe.evaluate, evaluations["dense"], strict=True)]
         partial = None
         if fabric.global_rank == 0:
             with self.phase("save"):
@@ -182,19 +183,16 @@ class Engine:
                    "world_size": run.fabric.world_size}
             row = cache.get("dense-eval", key)
             if row is None:
-                row = evaluate(run.model, run.tokenizer, spec, run.adapter.needs_bos, run.fabric,
-                               desc=f"dense {spec.metric}", progress=self.progress)
+                row = self._evaluate_one(run, spec, "dense")
                 cache.put("dense-eval", key, row)
             rows.append(row)
         return rows
 
-    def _evaluate(self, run: RunState, label: str, dense: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-        """Every recipe evaluation; the compressed model's are compared with the dense rows."""
-        return [
-            evaluate(run.model, run.tokenizer, spec, run.adapter.needs_bos, run.fabric,
-                     desc=f"{label} {spec.metric}", progress=self.progress, dense=dense[i] if dense else None)
-            for i, spec in enumerate(run.recipe.evaluate)
-        ]
+    def _evaluate_one(self, run: RunState, spec: Any, label: str, dense: dict[str, Any] | None = None
+                      ) -> dict[str, Any]:
+        """One recipe evaluation; a compressed model's is compared with the dense model's row."""
+        return evaluate(run.model, run.tokenizer, spec, run.adapter.needs_bos, run.fabric,
+                        desc=f"{label} {spec.metric}", progress=self.progress, dense=dense)
 
     def _reduce(self, run: RunState) -> Any:
         if run.fabric.world_size == 1:

@@ -18,7 +18,7 @@ from torchmetrics.text import Perplexity, ROUGEScore
 from tqdm.auto import tqdm
 
 from lowrank_kit.data import evaluation_windows, generation_prompts, lastword_examples, load_text, tokenize
-from lowrank_kit.decoding import full_rank, macs_per_token, rank_modules
+from lowrank_kit.decoding import is_prompt, rank_modules
 
 
 @torch.no_grad()
@@ -48,6 +48,7 @@ class GenerationMeter:
 
     def __init__(self, model: Any):
         self.modules = rank_modules(model)
+        self.static_macs = sum(m.macs_per_token(m.full_rank) for m in self.modules)  # per token, allocated ranks
         self.prefill_s = self.decode_s = 0.0
         self.prefill_tokens = self.decode_tokens = 0
         self.decode_macs = 0  # at the active ranks
@@ -58,8 +59,7 @@ class GenerationMeter:
                          model.register_forward_hook(self._after, with_kwargs=True)]
 
     def _before(self, _model: Any, _args: Any, kwargs: dict[str, Any]) -> None:
-        cache = kwargs.get("past_key_values")
-        self._prefill = cache is None or cache.get_seq_length() == 0
+        self._prefill = is_prompt(kwargs)
         self._tokens = int(kwargs["input_ids"].numel())
         self._start = time.perf_counter()
 
@@ -71,21 +71,27 @@ class GenerationMeter:
             return
         self.decode_s += seconds
         self.decode_tokens += self._tokens
-        self.decode_macs += self._tokens * sum(macs_per_token(m) for m in self.modules)
-        self.static_decode_macs += self._tokens * sum(macs_per_token(m, full_rank(m)) for m in self.modules)
+        self.decode_macs += self._tokens * sum(m.macs_per_token(m.used_rank()) for m in self.modules)
+        self.static_decode_macs += self._tokens * self.static_macs
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
 
 
-def _left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = torch.tensor(prompt)
-        mask[row, width - len(prompt) :] = 1
+def _padded(rows: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows of different lengths as one batch and its attention mask.
+
+    Left padding for generation (every row ends where new tokens start); right padding keeps
+    each real token at its own position (for reading logits at known positions).
+    """
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        where = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, where] = torch.tensor(row)
+        mask[i, where] = 1
     return ids, mask
 
 
@@ -100,7 +106,7 @@ def generate_continuations(model: Any, tokenizer: Any, prompts: list[list[int]],
     texts: list[str] = []
     try:
         for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, disable=not progress):
-            ids, mask = _left_padded(prompts[start : start + batch_size], pad_id)
+            ids, mask = _padded(prompts[start : start + batch_size], pad_id, left=True)
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                                  max_new_tokens=new_tokens, pad_token_id=pad_id, temperature=None, top_p=None,
                                  top_k=None)
@@ -152,13 +158,7 @@ def lastword_accuracy(model: Any, examples: list[tuple[list[int], list[int]]], b
     examples = sorted(examples, key=lambda e: len(e[0]) + len(e[1]))  # similar lengths batch with little padding
     for start in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False, disable=not progress):
         chunk = examples[start : start + batch_size]
-        rows = [context + target[:-1] for context, target in chunk]
-        width = max(len(r) for r in rows)
-        ids = torch.zeros((len(rows), width), dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):  # right padding: positions of real tokens are unchanged
-            ids[i, : len(row)] = torch.tensor(row)
-            mask[i, : len(row)] = 1
+        ids, mask = _padded([context + target[:-1] for context, target in chunk], 0, left=False)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
         for i, (context, target) in enumerate(chunk):
             first = len(context) - 1  # the position whose prediction is the word's first token

@@ -14,7 +14,27 @@ from torch import nn
 from torch.nn import functional as F
 
 
-class LowRankLinear(nn.Module):
+class SliceableRank:
+    """A module whose components are ordered by importance, so its first ``active_rank`` can be used alone.
+
+    Progressive decoding sets ``active_rank`` (None: all of ``full_rank``); multiply-adds are
+    counted per token at a given rank.
+    """
+
+    active_rank: int | None = None
+
+    @property
+    def full_rank(self) -> int:
+        raise NotImplementedError
+
+    def used_rank(self) -> int:
+        return self.full_rank if self.active_rank is None else min(self.active_rank, self.full_rank)
+
+    def macs_per_token(self, rank: int) -> int:
+        raise NotImplementedError
+
+
+class LowRankLinear(SliceableRank, nn.Module):
     """y = a (b x) + bias, a: out×r, b: r×in (ALGORITHMS.md's A and B: W ≈ A B).
 
     Rank components are ordered by importance (singular value), so ``active_rank`` can slice
@@ -28,7 +48,6 @@ class LowRankLinear(nn.Module):
         self.a = nn.Parameter(torch.empty(out_features, rank, dtype=dtype, device=device))
         self.b = nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
-        self.active_rank: int | None = None
 
     @classmethod
     def from_factors(cls, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> LowRankLinear:
@@ -41,8 +60,15 @@ class LowRankLinear(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        r = self.rank if self.active_rank is None else min(self.active_rank, self.rank)
+        r = self.used_rank()
         return F.linear(F.linear(x, self.b[:r]), self.a[:, :r], self.bias)
+
+    @property
+    def full_rank(self) -> int:
+        return self.rank
+
+    def macs_per_token(self, rank: int) -> int:
+        return rank * (self.in_features + self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
