@@ -26,6 +26,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from lowrank_kit.api import resolve_recipe
+from lowrank_kit.cache import StatsStore
 from lowrank_kit.engine import Engine, same_compression
 from lowrank_kit.models import load_model
 from lowrank_kit.recipe import Recipe
@@ -85,9 +86,12 @@ def plan_cells(recipes: list[str | Path], ratios: list[float], output: Path,
                                            f"output.save_model={str(save_models).lower()}"])
             folder = output / "cells" / f"{recipe.name}-{ratio:g}"
             cells.append(resolve_recipe(recipe, [f"output.dir={folder}"]))
-    first = cells[0].to_dict()
+    def shared(cell: Recipe) -> dict[str, Any]:  # recipes may take statistics differently from the same data
+        return {**cell.to_dict(), "calibration": cell.calibration_data()}
+
+    first = shared(cells[0])
     for cell in cells[1:]:
-        data = cell.to_dict()
+        data = shared(cell)
         for key in SHARED:
             if data[key] != first[key]:
                 raise RecipeError(key, f"'{cell.source}' differs from '{cells[0].source}' in '{key}': a bench "
@@ -235,6 +239,7 @@ def run_bench(recipes: list[str | Path], ratios: list[float], output: str | Path
     log = output / "bench.log"
     bar = tqdm(cells, desc="bench", unit="cell", disable=not progress)
     previous: Any = None  # the last compressed run, reused by a recipe that differs only in decode
+    stats = StatsStore()  # dense-model statistics, gathered once for every ratio and recipe reading them
     for recipe in bar:
         bar.set_postfix_str(f"{recipe.name} @ {recipe.target.ratio:g}")
         folder = recipe.output_dir()
@@ -244,7 +249,7 @@ def run_bench(recipes: list[str | Path], ratios: list[float], output: str | Path
                 report = json.loads(saved.read_text())
                 peak = report.get("bench_peak_rss_mb")
             else:
-                engine = Engine(recipe, progress=progress, overwrite=True)
+                engine = Engine(recipe, progress=progress, overwrite=True, stats_store=stats)
                 with PeakMemory() as memory:
                     if previous is not None and previous.run.recipe.decode is None and same_compression(
                             recipe, previous.run.recipe):

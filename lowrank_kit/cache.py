@@ -1,4 +1,5 @@
-"""A small JSON cache shared by runs: pass-1 scores and dense-model evaluations.
+"""Caches shared by runs: pass-1 scores and dense-model evaluations (JSON files), and
+dense-model calibration statistics (in memory, within one process such as a bench).
 
 Entries are keyed by everything that determines them (the model's fingerprint, the data,
 the strategies and their arguments), so a run at another ratio, or another recipe with the
@@ -15,6 +16,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from lowrank_kit.stats import Statistic
 
 
 def fingerprint(model: nn.Module) -> str:
@@ -65,3 +68,36 @@ class Cache:
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
         tmp.write_text(json.dumps({"key": self._full_key(key), "value": value}, default=str))
         tmp.replace(path)  # atomic: a crash never leaves half an entry
+
+
+def statistic_identity(key: str, stat: Statistic) -> str:
+    """A statistic's tap key plus its kind and settings (e.g. AbsMean's power): equal identities
+    on the same model and data mean equal sums."""
+    settings = {k: v for k, v in sorted(vars(stat).items()) if not isinstance(v, torch.Tensor | None)}
+    return f"{key}|{type(stat).__name__}|{settings}"
+
+
+class StatsStore:
+    """Calibration statistics of the dense model kept in memory across runs of one process.
+
+    Statistics taken on the dense model's activations (``calibration.sequential: false``) are
+    the same for every ratio and every recipe reading them, so a bench gathers them once.
+    The store holds one model and data (``base``) at a time: asking for another drops the rest.
+    Callers must not modify a statistic they got from it.
+    """
+
+    def __init__(self) -> None:
+        self._base: str | None = None
+        self._items: dict[str, Statistic] = {}
+
+    def _select(self, base: str) -> None:
+        if base != self._base:
+            self._base, self._items = base, {}
+
+    def get(self, base: str, key: str, stat: Statistic) -> Statistic | None:
+        self._select(base)
+        return self._items.get(statistic_identity(key, stat))
+
+    def put(self, base: str, key: str, stat: Statistic) -> None:
+        self._select(base)
+        self._items[statistic_identity(key, stat)] = stat

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import sys
 import time
 from collections.abc import Iterator
@@ -25,10 +26,10 @@ from tqdm.auto import tqdm
 
 from lowrank_kit import io, report
 from lowrank_kit.adapters import adapter_for
-from lowrank_kit.cache import Cache, fingerprint
+from lowrank_kit.cache import Cache, StatsStore, fingerprint
 from lowrank_kit.callbacks import Callback, ProgressBar
 from lowrank_kit.data import calibration_windows, load_text, tokenize
-from lowrank_kit.evaluation import evaluate
+from lowrank_kit.evaluation import DECODE_INDEPENDENT, evaluate
 from lowrank_kit.models import load_model
 from lowrank_kit.recipe import Recipe
 from lowrank_kit.replay import LayerInputs, capture, run_layer
@@ -53,8 +54,9 @@ class Result:
 
 class Engine:
     def __init__(self, recipe: Recipe, callbacks: list[Callback] | None = None, overwrite: bool = False,
-                 progress: bool = True):
+                 progress: bool = True, stats_store: StatsStore | None = None):
         self.recipe = recipe
+        self.stats_store = stats_store  # dense-model statistics shared with other runs (a bench)
         self.callbacks = list(callbacks or []) + ([ProgressBar()] if progress else [])
         self.overwrite = overwrite or recipe.output.overwrite
         self.progress = progress
@@ -121,7 +123,9 @@ class Engine:
         skip = ("evaluate compressed", "save")
         self.timings = {k: v for k, v in earlier.report["timings_s"].items() if k not in skip}
         evaluations = {"dense": earlier.evaluations["dense"], "compressed": []}
-        return self._finish(run, pm, evaluations, earlier.dense_params)
+        # Whole-sequence forwards run at the allocated ranks whatever the decode strategy does.
+        known = [row if row["metric"] in DECODE_INDEPENDENT else None for row in earlier.evaluations["compressed"]]
+        return self._finish(run, pm, evaluations, earlier.dense_params, known)
 
     def _compress(self, run: RunState, pm: Any) -> dict[str, list[dict[str, Any]]]:
         """Dense evaluations, then pass 1, allocation and pass 2; returns the evaluations so far."""
@@ -144,18 +148,23 @@ class Engine:
             if run.plan is None:
                 raise RuntimeError(f"allocator '{recipe.allocate.plugin}' returned no plan")
         with self.phase("compress"):
-            self._compress_pass(run, pm)
+            if recipe.calibration.sequential:
+                self._compress_pass(run, pm)
+            else:
+                self._dense_input_pass(run, pm)
         return evaluations
 
     def _finish(self, run: RunState, pm: Any, evaluations: dict[str, list[dict[str, Any]]],
-                dense_params: int) -> Result:
-        """Decode, evaluate the compressed model, save, report."""
+                dense_params: int, known: list[dict[str, Any] | None] | None = None) -> Result:
+        """Decode, evaluate the compressed model (except rows ``known`` already), save, report."""
         recipe, model, fabric = run.recipe, run.model, run.fabric
         out_dir = recipe.output_dir()
         pm.hook.lowrank_decode(run=run, model=model)
+        known = known or [None] * len(recipe.evaluate)
         with self.phase("evaluate compressed"):
-            evaluations["compressed"] = [self._evaluate_one(run, spec, "compressed", dense)
-                                         for spec, dense in zip(recipe.evaluate, evaluations["dense"], strict=True)]
+            evaluations["compressed"] = [
+                row or self._evaluate_one(run, spec, "compressed", dense)
+                for spec, dense, row in zip(recipe.evaluate, evaluations["dense"], known, strict=True)]
         partial = None
         if fabric.global_rank == 0:
             with self.phase("save"):
@@ -209,12 +218,9 @@ class Engine:
         recipe = run.recipe
         cache = Cache(recipe.output.cache_dir)
         key = {
-            "model": self._dense_fingerprint(run),
-            "calibration": to_dict(recipe.calibration),
+            **self._data_key(run),
             "collect": [c.to_dict() for c in recipe.collect],
             "score": [c.to_dict() for c in recipe.score],
-            "world_size": run.fabric.world_size,
-            "precision": recipe.runtime.precision,
         }
         cached = cache.get("scores", key)
         if cached is not None:
@@ -224,6 +230,11 @@ class Engine:
         self._score_pass(run, pm)
         cache.put("scores", key, run.scores)
         run.notes["scores"] = {"cached": False}
+
+    def _data_key(self, run: RunState) -> dict[str, Any]:
+        """What makes two runs' calibration forwards of the dense model identical."""
+        return {"model": self._dense_fingerprint(run), "calibration": run.recipe.calibration_data(),
+                "world_size": run.fabric.world_size, "precision": run.recipe.runtime.precision}
 
     def _score_pass(self, run: RunState, pm: Any) -> None:
         """Pass 1 on the dense model: gather whole-model statistics, then importances."""
@@ -253,6 +264,12 @@ class Engine:
                 raise RuntimeError(f"two score strategies both scored {sorted(clash)[:3]}")
             run.scores.update(scores)
 
+    @staticmethod
+    def _forward_layer(run: RunState, index: int, item: LayerInputs) -> torch.Tensor:
+        with run.fabric.autocast():
+            hidden = LayerInputs(item.hidden.to(run.fabric.device), item.kwargs)
+            return run_layer(run.adapter.layers[index], hidden, index)
+
     @torch.no_grad()
     def _compress_pass(self, run: RunState, pm: Any) -> None:
         """Pass 2: one decoder layer at a time, statistics from compressed predecessors.
@@ -262,13 +279,8 @@ class Engine:
         layer collects again, so data-free transforms cost no forward passes at all.
         """
         layers = run.adapter.layers
-        device = run.fabric.device
         inputs: list[LayerInputs] | None = None
         depth = 0  # ``inputs`` hold the inputs of layer ``depth``
-
-        def forward(index: int, item: LayerInputs) -> torch.Tensor:
-            with run.fabric.autocast():
-                return run_layer(run.adapter.layers[index], LayerInputs(item.hidden.to(device), item.kwargs), index)
 
         for index in range(len(layers)):
             self._emit("on_layer_start", index)
@@ -282,13 +294,65 @@ class Engine:
                         item.hidden = item.hidden.cpu()  # one layer's activations, off the accelerator
                 for item in inputs:
                     for earlier in range(depth, index):
-                        item.hidden = forward(earlier, item).cpu()
-                    forward(index, item)
+                        item.hidden = self._forward_layer(run, earlier, item).cpu()
+                    self._forward_layer(run, index, item)
                 depth = index
             gathered = tap.close(self._reduce(run))
             run.stats.update(gathered)
             pm.hook.lowrank_transform(run=run, layer=index)
             for key in gathered:  # a layer's statistics are not needed once it is compressed
+                run.stats.pop(key, None)
+            self._emit("on_layer_end", index)
+
+    @torch.no_grad()
+    def _dense_input_pass(self, run: RunState, pm: Any) -> None:
+        """Pass 2 with statistics of the dense model (``calibration.sequential: false``).
+
+        Each layer runs once, still dense, just before it is transformed, so its outputs are the
+        dense model's and feed the next layer. Statistics found in the stats store (a bench's
+        earlier ratio or recipe on the same model and data) cost no forward: layers run only up
+        to the last one with a statistic missing.
+        """
+        layers = run.adapter.layers
+        store = self.stats_store
+        base = json.dumps(self._data_key(run), sort_keys=True, default=str)
+
+        def stored(tap: Tap) -> dict[str, Any] | None:
+            if store is None:
+                return None if tap.stats else {}
+            found = {key: store.get(base, key, stat) for key, stat in tap.stats.items()}
+            return None if any(stat is None for stat in found.values()) else found
+
+        last_missing = -1
+        for index in range(len(layers)):  # a dry run of the taps: which layers must run?
+            tap = Tap()
+            pm.hook.lowrank_collect(run=run, tap=tap, layer=index)
+            tap.close()
+            if stored(tap) is None:
+                last_missing = index
+        inputs: list[LayerInputs] | None = None
+        for index in range(len(layers)):
+            self._emit("on_layer_start", index)
+            tap = Tap()
+            pm.hook.lowrank_collect(run=run, tap=tap, layer=index)
+            found = stored(tap)
+            if index <= last_missing:
+                if inputs is None:
+                    with tap.paused():
+                        inputs = [capture(run.model, layers, batch) for batch in self._batches(run)]
+                with tap.paused() if found is not None else contextlib.nullcontext():
+                    for item in inputs:
+                        item.hidden = self._forward_layer(run, index, item).cpu()
+            if found is None:
+                found = tap.close(self._reduce(run))
+                for key, stat in found.items():
+                    if store is not None:
+                        store.put(base, key, stat)
+            else:
+                tap.close()
+            run.stats.update(found)
+            pm.hook.lowrank_transform(run=run, layer=index)
+            for key in found:
                 run.stats.pop(key, None)
             self._emit("on_layer_end", index)
 

@@ -40,6 +40,10 @@ class DataSpec:
     seed: int = _help("seed of the window sampling", default=0)
     batch_size: int = _help("windows per forward pass", default=4)
     text_field: str = _help("field holding the text in JSON/JSONL files", default="text")
+    sequential: bool = _help(
+        "true: a layer's statistics are taken on inputs from the already compressed earlier layers "
+        "(FLAT-LLM's order); false: on the dense model's activations (SVD-LLM's and ASVD's whitening), "
+        "one forward per layer, and a bench gathers them once for all ratios and recipes", default=True)
 
     def check(self, path: str) -> None:
         for key in ("samples", "seq_len", "batch_size"):
@@ -146,6 +150,10 @@ class Recipe:
 
     def strategies(self) -> list[StrategyChoice]:
         return [*self.collect, *self.score, self.allocate, *self.transform, *([self.decode] if self.decode else [])]
+
+    def calibration_data(self) -> dict[str, Any]:
+        """What determines the calibration tokens (not how statistics are taken from them)."""
+        return {k: v for k, v in to_dict(self.calibration).items() if k != "sequential"}
 
     def output_dir(self) -> Path:
         return Path(self.output.dir.format(name=self.name, ratio=f"{self.target.ratio:g}"))

@@ -9,6 +9,9 @@ import pytest
 from conftest import ByteTokenizer, tiny_model, tiny_recipe
 
 from lowrank_kit import bench
+from lowrank_kit.api import resolve_recipe
+from lowrank_kit.engine import Engine
+from lowrank_kit.evaluation import evaluate
 from lowrank_kit.schema import RecipeError
 
 EVALUATE = [{"dataset": "austen-persuasion", "seq_len": 64, "max_tokens": 256},
@@ -83,3 +86,17 @@ def test_a_decode_only_variant_reuses_the_compressed_model(tmp_path: Path) -> No
     report = json.loads((tmp_path / "b" / "cells" / "progressive-0.3" / "report.json").read_text())
     assert report["notes"]["compression_reused_from"] == "static"
     assert report["strategies"]["decode"] == "progressive"
+
+
+def test_reused_whole_sequence_evaluations_equal_fresh_ones(tmp_path: Path) -> None:
+    """A decode-only variant copies perplexity and last-word rows: recomputing them gives the same values."""
+    static = tiny_recipe(tmp_path / "s", "svd_llm", name="static", evaluate=EVALUATE)
+    progressive = {**tiny_recipe(tmp_path / "p", "svd_llm", name="progressive", evaluate=EVALUATE),
+                   "decode": {"plugin": "progressive", "stages": [[0, 0.5]]}}
+    first = Engine(resolve_recipe(static), progress=False).run(tiny_model("llama"), ByteTokenizer())
+    second = Engine(resolve_recipe(progressive), progress=False).run(reuse=first)
+    recipe = second.run.recipe
+    for index in (0, 1):  # perplexity, lastword
+        fresh = evaluate(second.model, ByteTokenizer(), recipe.evaluate[index], False, progress=False)
+        assert second.evaluations["compressed"][index]["value"] == pytest.approx(fresh["value"], rel=1e-6)
+    assert second.evaluations["compressed"][2]["decode_macs_saved"] > 0.4  # generation did run again

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -12,6 +13,10 @@ import torch
 from conftest import ByteTokenizer, sample_ids, tiny_model, tiny_recipe
 
 from lowrank_kit import Strategy, compress, hookimpl, load_pretrained
+from lowrank_kit import engine as engine_module
+from lowrank_kit.api import resolve_recipe
+from lowrank_kit.cache import StatsStore
+from lowrank_kit.engine import Engine
 from lowrank_kit.modules import LowRankLinear
 from lowrank_kit.report import decoder_linear_params
 from lowrank_kit.schema import RecipeError
@@ -109,3 +114,40 @@ def test_layer_statistics_see_the_compressed_predecessors(tmp_path: Path, plugin
     for layer in (1, 2):
         x = states[layer].double().reshape(-1, states[layer].shape[-1])
         assert torch.allclose(LayerInputWatcher.seen[layer].matrix, x.T @ x, rtol=1e-5, atol=1e-6)
+
+
+def test_dense_input_statistics_come_from_the_dense_model(tmp_path: Path) -> None:
+    """calibration.sequential: false takes every layer's statistics on the dense model's activations."""
+    registry().add(LayerInputWatcher)
+    try:
+        recipe = tiny_recipe(tmp_path, "svd_llm", 0.4, collect=["layer_input_watcher"],
+                             calibration={**tiny_recipe(tmp_path)["calibration"], "sequential": False})
+        dense = tiny_model("llama")
+        result = compress(recipe, model=copy.deepcopy(dense), tokenizer=ByteTokenizer(), progress=False)
+    finally:
+        registry.cache_clear()
+    with torch.no_grad():
+        states = dense(input_ids=result.run.calibration, output_hidden_states=True).hidden_states
+    for layer in (1, 2):
+        x = states[layer].double().reshape(-1, states[layer].shape[-1])
+        assert torch.allclose(LayerInputWatcher.seen[layer].matrix, x.T @ x, rtol=1e-5, atol=1e-6)
+
+
+def test_stats_store_shares_dense_statistics_across_ratios(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second ratio reads the stored statistics (no layer runs) and compresses exactly as without the store."""
+    store = StatsStore()
+    calibration = {**tiny_recipe(tmp_path)["calibration"], "sequential": False}
+    dense = tiny_model("qwen2")
+    first = tiny_recipe(tmp_path / "a", "svd_llm", 0.2, calibration=calibration)
+    Engine(resolve_recipe(first), progress=False, stats_store=store).run(copy.deepcopy(dense), ByteTokenizer())
+    second = resolve_recipe(tiny_recipe(tmp_path / "b", "svd_llm", 0.4, calibration=calibration))
+    fresh = Engine(second, progress=False, overwrite=True).run(copy.deepcopy(dense), ByteTokenizer())
+    calls: list[int] = []
+    real_run_layer = engine_module.run_layer
+    monkeypatch.setattr(engine_module, "run_layer", lambda *a: calls.append(1) or real_run_layer(*a))
+    shared = Engine(second, progress=False, overwrite=True, stats_store=store).run(copy.deepcopy(dense),
+                                                                                    ByteTokenizer())
+    assert calls == []
+    ids = sample_ids()
+    with torch.no_grad():
+        assert torch.equal(shared.model(input_ids=ids).logits, fresh.model(input_ids=ids).logits)

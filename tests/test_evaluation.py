@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import ByteTokenizer, tiny_model, tiny_recipe
 
@@ -14,8 +15,9 @@ from lowrank_kit.evaluation import lastword_accuracy
 from lowrank_kit.recipe import EvalSpec
 
 
-def test_lastword_accuracy_matches_greedy_generation() -> None:
-    model = tiny_model("llama")
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_lastword_accuracy_matches_greedy_generation(family: str) -> None:
+    model = tiny_model(family)
     generator = torch.Generator().manual_seed(0)
     examples = []
     for length in (5, 17, 9, 30, 12):  # different lengths: padding must not move any position
