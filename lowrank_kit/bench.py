@@ -26,7 +26,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from lowrank_kit.api import resolve_recipe
-from lowrank_kit.cache import StatsStore
+from lowrank_kit.cache import DenseStore
 from lowrank_kit.engine import Engine, same_compression
 from lowrank_kit.models import load_model
 from lowrank_kit.recipe import Recipe
@@ -239,7 +239,7 @@ def run_bench(recipes: list[str | Path], ratios: list[float], output: str | Path
     log = output / "bench.log"
     bar = tqdm(cells, desc="bench", unit="cell", disable=not progress)
     previous: Any = None  # the last compressed run, reused by a recipe that differs only in decode
-    stats = StatsStore()  # dense-model statistics, gathered once for every ratio and recipe reading them
+    store = DenseStore()  # dense-model statistics and factorisations, computed once for every cell reading them
     for recipe in bar:
         bar.set_postfix_str(f"{recipe.name} @ {recipe.target.ratio:g}")
         folder = recipe.output_dir()
@@ -249,7 +249,7 @@ def run_bench(recipes: list[str | Path], ratios: list[float], output: str | Path
                 report = json.loads(saved.read_text())
                 peak = report.get("bench_peak_rss_mb")
             else:
-                engine = Engine(recipe, progress=progress, overwrite=True, stats_store=stats)
+                engine = Engine(recipe, progress=progress, overwrite=True, store=store)
                 with PeakMemory() as memory:
                     if previous is not None and previous.run.recipe.decode is None and same_compression(
                             recipe, previous.run.recipe):

@@ -77,27 +77,47 @@ def statistic_identity(key: str, stat: Statistic) -> str:
     return f"{key}|{type(stat).__name__}|{settings}"
 
 
-class StatsStore:
-    """Calibration statistics of the dense model kept in memory across runs of one process.
+def _nbytes(value: Any) -> int:
+    if isinstance(value, Statistic):
+        return sum(t.numel() * t.element_size() for t in value.sums().values())
+    return int(getattr(value, "nbytes", 0))
 
-    Statistics taken on the dense model's activations (``calibration.sequential: false``) are
-    the same for every ratio and every recipe reading them, so a bench gathers them once.
-    The store holds one model and data (``base``) at a time: asking for another drops the rest.
-    Callers must not modify a statistic they got from it.
+
+def _quarter_of_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+class DenseStore:
+    """Results that depend only on the dense model and the calibration data, kept in memory
+    across the runs of one process (a bench): statistics of the dense model's activations
+    (``calibration.sequential: false``) and the rank-independent factorisations of dense
+    weights. Every ratio and every recipe reading them shares one copy.
+
+    Holds one model and data (``base``) at a time: asking for another drops the rest. Past
+    ``max_bytes`` (default a quarter of the machine's memory) new results are not kept.
+    Callers must not modify what they get from it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int | None = None) -> None:
+        self.max_bytes = _quarter_of_memory() if max_bytes is None else max_bytes
         self._base: str | None = None
-        self._items: dict[str, Statistic] = {}
+        self._items: dict[str, Any] = {}
+        self._bytes = 0
 
     def _select(self, base: str) -> None:
         if base != self._base:
-            self._base, self._items = base, {}
+            self._base, self._items, self._bytes = base, {}, 0
 
-    def get(self, base: str, key: str, stat: Statistic) -> Statistic | None:
+    def get(self, base: str, key: str) -> Any:
         self._select(base)
-        return self._items.get(statistic_identity(key, stat))
+        return self._items.get(key)
 
-    def put(self, base: str, key: str, stat: Statistic) -> None:
+    def put(self, base: str, key: str, value: Any) -> None:
         self._select(base)
-        self._items[statistic_identity(key, stat)] = stat
+        size = _nbytes(value)
+        if self._bytes + size <= self.max_bytes:
+            self._items[key] = value
+            self._bytes += size

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from lowrank_kit import io, report
 from lowrank_kit.adapters import adapter_for
-from lowrank_kit.cache import Cache, StatsStore, fingerprint
+from lowrank_kit.cache import Cache, DenseStore, fingerprint, statistic_identity
 from lowrank_kit.callbacks import Callback, ProgressBar
 from lowrank_kit.data import calibration_windows, load_text, tokenize
 from lowrank_kit.evaluation import DECODE_INDEPENDENT, evaluate
@@ -54,9 +54,9 @@ class Result:
 
 class Engine:
     def __init__(self, recipe: Recipe, callbacks: list[Callback] | None = None, overwrite: bool = False,
-                 progress: bool = True, stats_store: StatsStore | None = None):
+                 progress: bool = True, store: DenseStore | None = None):
         self.recipe = recipe
-        self.stats_store = stats_store  # dense-model statistics shared with other runs (a bench)
+        self.store = store  # dense-model statistics and factorisations shared with other runs (a bench)
         self.callbacks = list(callbacks or []) + ([ProgressBar()] if progress else [])
         self.overwrite = overwrite or recipe.output.overwrite
         self.progress = progress
@@ -147,6 +147,7 @@ class Engine:
             run.plan = pm.hook.lowrank_allocate(run=run, units=run.units)
             if run.plan is None:
                 raise RuntimeError(f"allocator '{recipe.allocate.plugin}' returned no plan")
+        run.store, run.store_base = self.store, json.dumps(self._data_key(run), sort_keys=True, default=str)
         with self.phase("compress"):
             if recipe.calibration.sequential:
                 self._compress_pass(run, pm)
@@ -314,13 +315,12 @@ class Engine:
         to the last one with a statistic missing.
         """
         layers = run.adapter.layers
-        store = self.stats_store
-        base = json.dumps(self._data_key(run), sort_keys=True, default=str)
+        store, base = run.store, run.store_base
 
         def stored(tap: Tap) -> dict[str, Any] | None:
             if store is None:
                 return None if tap.stats else {}
-            found = {key: store.get(base, key, stat) for key, stat in tap.stats.items()}
+            found = {key: store.get(base, statistic_identity(key, stat)) for key, stat in tap.stats.items()}
             return None if any(stat is None for stat in found.values()) else found
 
         last_missing = -1
@@ -347,7 +347,7 @@ class Engine:
                 found = tap.close(self._reduce(run))
                 for key, stat in found.items():
                     if store is not None:
-                        store.put(base, key, stat)
+                        store.put(base, statistic_identity(key, stat), stat)
             else:
                 tap.close()
             run.stats.update(found)

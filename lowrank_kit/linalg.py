@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 Pair = tuple[torch.Tensor, torch.Tensor]
@@ -13,10 +15,44 @@ def factors_from_svd(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: i
     return u[:, :rank] * root, root[:, None] * vh[:rank]
 
 
+@dataclass
+class Spectrum:
+    """A rank-independent factorisation, truncated to any rank by ``factors`` (float64).
+
+    W ≈ U_r Σ_r Vᵣᵀ M⁻¹, where M is the whitening factor S (SVD-LLM), diag(scale) (ASVD) or I
+    (plain SVD). Computing it once serves every rank: a bench shares it across ratios and
+    across recipes that factorise the same weight with the same statistic.
+    """
+
+    u: torch.Tensor
+    s: torch.Tensor
+    vh: torch.Tensor
+    whitening: torch.Tensor | None = None  # lower S with S Sᵀ = XᵀX
+    scale: torch.Tensor | None = None  # per input channel
+
+    def factors(self, rank: int) -> Pair:
+        a, b = factors_from_svd(self.u, self.s, self.vh, rank)
+        if self.whitening is not None:  # B S = Σ½Vᵀ: a triangular solve, no inverse
+            b = torch.linalg.solve_triangular(self.whitening, b, upper=False, left=False)
+        if self.scale is not None:
+            b = b / self.scale
+        return a, b
+
+    @property
+    def nbytes(self) -> int:
+        parts = (self.u, self.s, self.vh, self.whitening, self.scale)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+
+def svd_spectrum(weight: torch.Tensor) -> Spectrum:
+    """Plain SVD of W (out×in)."""
+    u, s, vh = torch.linalg.svd(weight.to(torch.float64), full_matrices=False)
+    return Spectrum(u, s, vh)
+
+
 def truncated_svd(weight: torch.Tensor, rank: int) -> Pair:
     """Plain truncated SVD of W (out×in): W ≈ A B."""
-    u, s, vh = torch.linalg.svd(weight.to(torch.float64), full_matrices=False)
-    return factors_from_svd(u, s, vh, rank)
+    return svd_spectrum(weight).factors(rank)
 
 
 def psd_cholesky(gram: torch.Tensor) -> torch.Tensor:
@@ -34,27 +70,29 @@ def psd_cholesky(gram: torch.Tensor) -> torch.Tensor:
     return torch.linalg.cholesky(gram + shift * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device))
 
 
-def whitened_svd(weight: torch.Tensor, gram: torch.Tensor) -> tuple[Pair, torch.Tensor, torch.Tensor]:
-    """SVD-LLM: ((U, Vᵀ), Σ, S) for the SVD of W S, with the whitening S Sᵀ = XᵀX.
+def whitened_spectrum(weight: torch.Tensor, gram: torch.Tensor) -> Spectrum:
+    """SVD-LLM: the SVD of W S, with the whitening S Sᵀ = XᵀX.
 
     ‖(W − A B) Xᵀ‖² = ‖(W − A B) S‖², so truncating W S loses exactly the squared dropped
     singular values in output error on the calibration inputs.
     """
     s_factor = psd_cholesky(gram)
     u, s, vh = torch.linalg.svd(weight.to(torch.float64) @ s_factor, full_matrices=False)
-    return (u, vh), s, s_factor
+    return Spectrum(u, s, vh, whitening=s_factor)
 
 
 def whitened_factors(weight: torch.Tensor, gram: torch.Tensor, rank: int) -> Pair:
-    """A = U_r Σ_r^½ and B = Σ_r^½ V_rᵀ S⁻¹ (a triangular solve, no inverse)."""
-    (u, vh), s, s_factor = whitened_svd(weight, gram)
-    a, b_white = factors_from_svd(u, s, vh, rank)
-    b = torch.linalg.solve_triangular(s_factor, b_white, upper=False, left=False)  # B S = Σ½Vᵀ
-    return a, b
+    """A = U_r Σ_r^½ and B = Σ_r^½ V_rᵀ S⁻¹."""
+    return whitened_spectrum(weight, gram).factors(rank)
+
+
+def scaled_spectrum(weight: torch.Tensor, scale: torch.Tensor) -> Spectrum:
+    """ASVD: the SVD of W diag(s); the scaling is undone on the right factor."""
+    scale = scale.to(torch.float64)
+    u, s, vh = torch.linalg.svd(weight.to(torch.float64) * scale, full_matrices=False)
+    return Spectrum(u, s, vh, scale=scale)
 
 
 def scaled_factors(weight: torch.Tensor, scale: torch.Tensor, rank: int) -> Pair:
     """ASVD: truncated SVD of W diag(s), the scaling undone on the right factor: B ← B diag(s)⁻¹."""
-    scale = scale.to(torch.float64)
-    a, b_scaled = truncated_svd(weight.to(torch.float64) * scale, rank)
-    return a, b_scaled / scale
+    return scaled_spectrum(weight, scale).factors(rank)

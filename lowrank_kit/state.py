@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from lowrank_kit.adapters import Geometry, ModelAdapter
+from lowrank_kit.cache import DenseStore
 from lowrank_kit.plan import RankPlan, Unit
 from lowrank_kit.recipe import Recipe
 from lowrank_kit.stats import Statistic
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -32,6 +36,8 @@ class RunState:
     units: list[Unit] = field(default_factory=list)
     plan: RankPlan | None = None
     notes: dict[str, Any] = field(default_factory=dict)  # per-strategy facts for the report
+    store: DenseStore | None = None  # results shared with other runs of this process (a bench)
+    store_base: str = ""  # the dense model and calibration data those results belong to
 
     @property
     def geometry(self) -> Geometry:
@@ -45,6 +51,19 @@ class RunState:
         if key not in self.stats:
             raise KeyError(f"statistic '{key}' was not collected; did the strategy request it in lowrank_collect?")
         return self.stats[key]
+
+    def dense_result(self, key: str, compute: Callable[[], T], reads_statistics: bool) -> T:
+        """``compute()``, or its result from an earlier run of this process on the same dense
+        model and data. Only results of dense inputs are shared: the weights being transformed
+        are always dense, statistics only when ``calibration.sequential`` is false.
+        """
+        if self.store is None or (reads_statistics and self.recipe.calibration.sequential):
+            return compute()
+        value = self.store.get(self.store_base, key)
+        if value is None:
+            value = compute()
+            self.store.put(self.store_base, key, value)
+        return value
 
     def units_of(self, transform: str, layer: int) -> list[Unit]:
         return [u for u in self.units if u.transform == transform and u.layer == layer]

@@ -1,19 +1,22 @@
 """Shared machinery of transforms that factorise single projections (svd, svd_llm, asvd).
 
-A subclass says which statistics it needs and how to factorise one weight; units, the rank
+A subclass says which statistics it needs and how to factorise one weight at any rank; units, the rank
 lookup in the plan and the module swap live here once.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
 
 from lowrank_kit.adapters import PROJECTIONS
 from lowrank_kit.hookspecs import hookimpl
+from lowrank_kit.linalg import Spectrum
 from lowrank_kit.modules import LowRankLinear
 from lowrank_kit.plan import Unit
+from lowrank_kit.schema import to_dict
 from lowrank_kit.stats import Gram, Statistic, Tap
 from lowrank_kit.strategy import Strategy
 
@@ -39,8 +42,12 @@ class ProjectionFactorization(Strategy):
     # Statistic of the projection's input this transform needs; None for data-free transforms.
     statistic: ClassVar[type[Statistic] | None] = Gram
 
-    def factorize(self, weight: torch.Tensor, stat: Statistic | None, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def spectrum(self, weight: torch.Tensor, stat: Statistic | None) -> Spectrum:
+        """The rank-independent factorisation of one dense weight (float64)."""
         raise NotImplementedError
+
+    def factorize(self, weight: torch.Tensor, stat: Statistic | None, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.spectrum(weight, stat).factors(rank)
 
     def _pending(self, run: Any, layer: int) -> list[tuple[Unit, int]]:
         plan = run.require_plan()
@@ -70,8 +77,14 @@ class ProjectionFactorization(Strategy):
     def lowrank_transform(self, run: Any, layer: int) -> None:
         for unit, rank in self._pending(run, layer):
             dense = run.adapter.projection(layer, unit.kind)
-            stat = run.stat(self._key(run, layer, unit.kind)) if self.statistic is not None else None
-            a, b = self.factorize(dense.weight.detach(), stat, rank)
+            stat_key = self._key(run, layer, unit.kind) if self.statistic is not None else None
+            stat = run.stat(stat_key) if stat_key is not None else None
+            # The same weight and statistic give the same spectrum at every rank: a bench computes
+            # it once for all ratios and for every recipe using this transform with these arguments.
+            spectrum = run.dense_result(f"spectrum|{self.name}|{to_dict(self.args)}|{unit.name}|{stat_key}",
+                                        partial(self.spectrum, dense.weight.detach(), stat),
+                                        reads_statistics=stat is not None)
+            a, b = spectrum.factors(rank)
             bias = dense.bias.detach() if dense.bias is not None else None
             module = LowRankLinear.from_factors(a.to(dense.weight.dtype), b.to(dense.weight.dtype), bias)
             run.adapter.replace(layer, unit.kind, module.to(dense.weight.device))

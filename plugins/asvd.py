@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from lowrank_kit import hookimpl
-from lowrank_kit.linalg import scaled_factors
+from lowrank_kit.linalg import Spectrum, scaled_spectrum
 from lowrank_kit.schema import RecipeError
 from lowrank_kit.stats import AbsMean
 from lowrank_kit.transforms import ProjectionFactorization
@@ -43,8 +43,8 @@ class Asvd(ProjectionFactorization):
     Args = AsvdArgs
     statistic = AbsMean
 
-    def factorize(self, weight: torch.Tensor, stat: Any, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return scaled_factors(weight, activation_scale(stat.mean, self.args.alpha), rank)
+    def spectrum(self, weight: torch.Tensor, stat: Any) -> Spectrum:
+        return scaled_spectrum(weight, activation_scale(stat.mean, self.args.alpha))
 
 
 @hookimpl

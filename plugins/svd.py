@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from lowrank_kit import hookimpl
-from lowrank_kit.linalg import truncated_svd
+from lowrank_kit.linalg import Spectrum, svd_spectrum
 from lowrank_kit.transforms import ProjectionFactorization
 
 
@@ -23,8 +23,8 @@ class Svd(ProjectionFactorization):
     Args = SvdArgs
     statistic = None
 
-    def factorize(self, weight: torch.Tensor, stat: Any, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return truncated_svd(weight, rank)
+    def spectrum(self, weight: torch.Tensor, stat: Any) -> Spectrum:
+        return svd_spectrum(weight)
 
 
 @hookimpl

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from lowrank_kit import hookimpl
-from lowrank_kit.linalg import whitened_factors
+from lowrank_kit.linalg import Spectrum, whitened_spectrum
 from lowrank_kit.stats import Gram
 from lowrank_kit.transforms import ProjectionFactorization
 
@@ -28,8 +28,8 @@ class SvdLlm(ProjectionFactorization):
     Args = SvdLlmArgs
     statistic = Gram
 
-    def factorize(self, weight: torch.Tensor, stat: Any, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return whitened_factors(weight, stat.matrix, rank)
+    def spectrum(self, weight: torch.Tensor, stat: Any) -> Spectrum:
+        return whitened_spectrum(weight, stat.matrix)
 
 
 @hookimpl

@@ -15,7 +15,7 @@ from conftest import ByteTokenizer, sample_ids, tiny_model, tiny_recipe
 from lowrank_kit import Strategy, compress, hookimpl, load_pretrained
 from lowrank_kit import engine as engine_module
 from lowrank_kit.api import resolve_recipe
-from lowrank_kit.cache import StatsStore
+from lowrank_kit.cache import DenseStore
 from lowrank_kit.engine import Engine
 from lowrank_kit.modules import LowRankLinear
 from lowrank_kit.report import decoder_linear_params
@@ -135,19 +135,51 @@ def test_dense_input_statistics_come_from_the_dense_model(tmp_path: Path) -> Non
 
 def test_stats_store_shares_dense_statistics_across_ratios(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A second ratio reads the stored statistics (no layer runs) and compresses exactly as without the store."""
-    store = StatsStore()
+    store = DenseStore()
     calibration = {**tiny_recipe(tmp_path)["calibration"], "sequential": False}
     dense = tiny_model("qwen2")
     first = tiny_recipe(tmp_path / "a", "svd_llm", 0.2, calibration=calibration)
-    Engine(resolve_recipe(first), progress=False, stats_store=store).run(copy.deepcopy(dense), ByteTokenizer())
+    Engine(resolve_recipe(first), progress=False, store=store).run(copy.deepcopy(dense), ByteTokenizer())
     second = resolve_recipe(tiny_recipe(tmp_path / "b", "svd_llm", 0.4, calibration=calibration))
     fresh = Engine(second, progress=False, overwrite=True).run(copy.deepcopy(dense), ByteTokenizer())
     calls: list[int] = []
     real_run_layer = engine_module.run_layer
     monkeypatch.setattr(engine_module, "run_layer", lambda *a: calls.append(1) or real_run_layer(*a))
-    shared = Engine(second, progress=False, overwrite=True, stats_store=store).run(copy.deepcopy(dense),
+    shared = Engine(second, progress=False, overwrite=True, store=store).run(copy.deepcopy(dense),
                                                                                     ByteTokenizer())
     assert calls == []
     ids = sample_ids()
     with torch.no_grad():
         assert torch.equal(shared.model(input_ids=ids).logits, fresh.model(input_ids=ids).logits)
+
+
+def test_store_shares_factorisations_only_of_dense_inputs(tmp_path: Path) -> None:
+    """svd (weights only) and svd_llm on dense statistics reuse their spectra at another ratio and give
+    the logits of a run without the store; svd_llm on sequential statistics never reads stored spectra."""
+    dense = tiny_model("llama")
+    ids = sample_ids()
+    for plugin, sequential, shared in (("svd", True, True), ("svd_llm", False, True), ("svd_llm", True, False)):
+        store = DenseStore()
+        calibration = {**tiny_recipe(tmp_path)["calibration"], "sequential": sequential}
+        first = resolve_recipe(tiny_recipe(tmp_path / "a", plugin, 0.2, calibration=calibration))
+        Engine(first, progress=False, overwrite=True, store=store).run(copy.deepcopy(dense), ByteTokenizer())
+        spectra = [k for k in store._items if k.startswith("spectrum|")]
+        assert bool(spectra) == shared
+        second = resolve_recipe(tiny_recipe(tmp_path / "b", plugin, 0.5, calibration=calibration))
+        with_store = Engine(second, progress=False, overwrite=True, store=store).run(copy.deepcopy(dense),
+                                                                                     ByteTokenizer())
+        assert [k for k in store._items if k.startswith("spectrum|")] == spectra  # read, none added
+        alone = Engine(second, progress=False, overwrite=True).run(copy.deepcopy(dense), ByteTokenizer())
+        with torch.no_grad():
+            assert torch.equal(with_store.model(input_ids=ids).logits, alone.model(input_ids=ids).logits)
+
+
+def test_store_keeps_nothing_past_its_memory_limit() -> None:
+    store = DenseStore(max_bytes=1000)
+    small, large = Gram(), Gram()
+    small.update(torch.ones(3, 4))  # 4×4 float64 + count: 136 bytes
+    large.update(torch.ones(3, 20))  # 3,208 bytes
+    store.put("base", "small", small)
+    store.put("base", "large", large)
+    assert store.get("base", "small") is small and store.get("base", "large") is None
+    assert store.get("other", "small") is None  # another model or data drops the rest
