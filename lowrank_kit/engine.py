@@ -2,8 +2,9 @@
 
 Pass 1 (dense model, only if the recipe scores anything): collect → score. Then allocate.
 Pass 2, layer by layer: collect the layer's statistics with inputs from the already
-compressed earlier layers, transform it, recompute its outputs for the next layer. Then
-decode, evaluate, save, report. Lightning Fabric places the model and data and runs
+compressed earlier layers (or, with ``calibration.sequential: false``, from the dense model,
+which a bench then shares across runs), transform it, recompute its outputs for the next
+layer. Then decode, evaluate, save, report. Lightning Fabric places the model and data and runs
 calibration data-parallel when given several devices; statistics are summed across
 processes before any decomposition.
 """
