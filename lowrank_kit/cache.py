@@ -1,5 +1,5 @@
 """Caches shared by runs: pass-1 scores and dense-model evaluations (JSON files), and
-dense-model calibration statistics (in memory, within one process such as a bench).
+dense-model statistics and weight factorisations (in memory, within one process such as a bench).
 
 Entries are keyed by everything that determines them (the model's fingerprint, the data,
 the strategies and their arguments), so a run at another ratio, or another recipe with the

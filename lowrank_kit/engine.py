@@ -266,6 +266,14 @@ class Engine:
                 raise RuntimeError(f"two score strategies both scored {sorted(clash)[:3]}")
             run.scores.update(scores)
 
+    def _capture_inputs(self, run: RunState, tap: Tap) -> list[LayerInputs]:
+        """The first decoder layer's inputs and keyword arguments for every calibration batch, on the CPU."""
+        with tap.paused():  # the recorders pass embeddings through every layer
+            inputs = [capture(run.model, run.adapter.layers, batch) for batch in self._batches(run)]
+        for item in inputs:
+            item.hidden = item.hidden.cpu()  # one layer's activations, off the accelerator
+        return inputs
+
     @staticmethod
     def _forward_layer(run: RunState, index: int, item: LayerInputs) -> torch.Tensor:
         with run.fabric.autocast():
@@ -290,10 +298,7 @@ class Engine:
             pm.hook.lowrank_collect(run=run, tap=tap, layer=index)
             if tap.stats:
                 if inputs is None:
-                    with tap.paused():  # the recorders pass embeddings through every layer
-                        inputs = [capture(run.model, layers, batch) for batch in self._batches(run)]
-                    for item in inputs:
-                        item.hidden = item.hidden.cpu()  # one layer's activations, off the accelerator
+                    inputs = self._capture_inputs(run, tap)
                 for item in inputs:
                     for earlier in range(depth, index):
                         item.hidden = self._forward_layer(run, earlier, item).cpu()
@@ -311,7 +316,7 @@ class Engine:
         """Pass 2 with statistics of the dense model (``calibration.sequential: false``).
 
         Each layer runs once, still dense, just before it is transformed, so its outputs are the
-        dense model's and feed the next layer. Statistics found in the stats store (a bench's
+        dense model's and feed the next layer. Statistics found in the DenseStore (a bench's
         earlier ratio or recipe on the same model and data) cost no forward: layers run only up
         to the last one with a statistic missing.
         """
@@ -339,8 +344,7 @@ class Engine:
             found = stored(tap)
             if index <= last_missing:
                 if inputs is None:
-                    with tap.paused():
-                        inputs = [capture(run.model, layers, batch) for batch in self._batches(run)]
+                    inputs = self._capture_inputs(run, tap)
                 with tap.paused() if found is not None else contextlib.nullcontext():
                     for item in inputs:
                         item.hidden = self._forward_layer(run, index, item).cpu()

@@ -50,11 +50,6 @@ def svd_spectrum(weight: torch.Tensor) -> Spectrum:
     return Spectrum(u, s, vh)
 
 
-def truncated_svd(weight: torch.Tensor, rank: int) -> Pair:
-    """Plain truncated SVD of W (out×in): W ≈ A B."""
-    return svd_spectrum(weight).factors(rank)
-
-
 def psd_cholesky(gram: torch.Tensor) -> torch.Tensor:
     """Lower S with S Sᵀ = XᵀX; if XᵀX is not positive definite, add (−λ_min + ε)·I first.
 
@@ -81,18 +76,8 @@ def whitened_spectrum(weight: torch.Tensor, gram: torch.Tensor) -> Spectrum:
     return Spectrum(u, s, vh, whitening=s_factor)
 
 
-def whitened_factors(weight: torch.Tensor, gram: torch.Tensor, rank: int) -> Pair:
-    """A = U_r Σ_r^½ and B = Σ_r^½ V_rᵀ S⁻¹."""
-    return whitened_spectrum(weight, gram).factors(rank)
-
-
 def scaled_spectrum(weight: torch.Tensor, scale: torch.Tensor) -> Spectrum:
     """ASVD: the SVD of W diag(s); the scaling is undone on the right factor."""
     scale = scale.to(torch.float64)
     u, s, vh = torch.linalg.svd(weight.to(torch.float64) * scale, full_matrices=False)
     return Spectrum(u, s, vh, scale=scale)
-
-
-def scaled_factors(weight: torch.Tensor, scale: torch.Tensor, rank: int) -> Pair:
-    """ASVD: truncated SVD of W diag(s), the scaling undone on the right factor: B ← B diag(s)⁻¹."""
-    return scaled_spectrum(weight, scale).factors(rank)

@@ -46,9 +46,6 @@ class ProjectionFactorization(Strategy):
         """The rank-independent factorisation of one dense weight (float64)."""
         raise NotImplementedError
 
-    def factorize(self, weight: torch.Tensor, stat: Statistic | None, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.spectrum(weight, stat).factors(rank)
-
     def _pending(self, run: Any, layer: int) -> list[tuple[Unit, int]]:
         plan = run.require_plan()
         return [(u, plan.rank(u)) for u in run.units_of(self.name, layer) if not u.is_dense(plan.rank(u))]

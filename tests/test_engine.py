@@ -133,7 +133,7 @@ def test_dense_input_statistics_come_from_the_dense_model(tmp_path: Path) -> Non
         assert torch.allclose(LayerInputWatcher.seen[layer].matrix, x.T @ x, rtol=1e-5, atol=1e-6)
 
 
-def test_stats_store_shares_dense_statistics_across_ratios(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dense_store_shares_dense_statistics_across_ratios(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A second ratio reads the stored statistics (no layer runs) and compresses exactly as without the store."""
     store = DenseStore()
     calibration = {**tiny_recipe(tmp_path)["calibration"], "sequential": False}

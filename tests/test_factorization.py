@@ -10,7 +10,7 @@ from lowrank_kit_plugins.svd import Svd
 from lowrank_kit_plugins.svd_llm import SvdLlm
 
 from lowrank_kit.adapters import PROJECTIONS, adapter_for
-from lowrank_kit.linalg import scaled_factors, truncated_svd, whitened_factors, whitened_spectrum
+from lowrank_kit.linalg import scaled_spectrum, svd_spectrum, whitened_spectrum
 from lowrank_kit.modules import LowRankLinear
 from lowrank_kit.replay import LayerInputs, capture, run_layer
 from lowrank_kit.stats import Gram, Tap
@@ -23,11 +23,11 @@ def test_whitened_truncation_error_equals_dropped_singular_values() -> None:
     gram = x.T @ x
     s = whitened_spectrum(weight, gram).s
     for rank in (1, 5, 17):
-        a, b = whitened_factors(weight, gram, rank)
+        a, b = whitened_spectrum(weight, gram).factors(rank)
         error = ((weight - a @ b) @ x.T).pow(2).sum()
         assert torch.allclose(error, s[rank:].pow(2).sum(), rtol=1e-8)
         # and it beats plain SVD on the data, which only minimises the weight error
-        pa, pb = truncated_svd(weight, rank)
+        pa, pb = svd_spectrum(weight).factors(rank)
         assert error <= ((weight - pa @ pb) @ x.T).pow(2).sum() + 1e-9
 
 
@@ -35,7 +35,7 @@ def test_whitening_survives_a_singular_gram() -> None:
     torch.manual_seed(0)
     weight = torch.randn(8, 16, dtype=torch.float64)
     x = torch.randn(5, 16, dtype=torch.float64)  # fewer tokens than channels: XᵀX is singular
-    a, b = whitened_factors(weight, x.T @ x, 5)
+    a, b = whitened_spectrum(weight, x.T @ x).factors(5)
     assert torch.isfinite(a).all() and torch.isfinite(b).all()
     # rank 5 covers the data's span, up to the small shift that made XᵀX factorisable
     error = (a @ b @ x.T - weight @ x.T).norm() / (weight @ x.T).norm()
@@ -45,7 +45,7 @@ def test_whitening_survives_a_singular_gram() -> None:
 def test_factors_are_ordered_by_importance() -> None:
     torch.manual_seed(0)
     weight = torch.randn(30, 20, dtype=torch.float64)
-    a, b = truncated_svd(weight, 20)
+    a, b = svd_spectrum(weight).factors(20)
     norms = (a.norm(dim=0) * b.norm(dim=1)).tolist()
     assert norms == sorted(norms, reverse=True)
 
@@ -53,8 +53,8 @@ def test_factors_are_ordered_by_importance() -> None:
 def test_active_rank_slice_equals_truncated_model() -> None:
     torch.manual_seed(0)
     weight = torch.randn(12, 10, dtype=torch.float64)
-    full = LowRankLinear.from_factors(*truncated_svd(weight, 10), None)
-    small = LowRankLinear.from_factors(*truncated_svd(weight, 4), None)
+    full = LowRankLinear.from_factors(*svd_spectrum(weight).factors(10), None)
+    small = LowRankLinear.from_factors(*svd_spectrum(weight).factors(4), None)
     x = torch.randn(3, 10, dtype=torch.float64)
     full.active_rank = 4
     assert torch.allclose(full(x), small(x))
@@ -75,7 +75,7 @@ def _factorize_everything_at_full_rank(model, strategy) -> None:
         for proj in PROJECTIONS:
             dense = adapter.projection(index, proj)
             rank = min(dense.weight.shape)
-            a, b = strategy.factorize(dense.weight.detach(), stats[proj], rank)
+            a, b = strategy.spectrum(dense.weight.detach(), stats[proj]).factors(rank)
             adapter.replace(index, proj, LowRankLinear.from_factors(a.float(), b.float(), dense.bias))
         with torch.no_grad():
             inputs = LayerInputs(run_layer(layer, inputs, index), inputs.kwargs)
@@ -101,10 +101,10 @@ def test_asvd_weighs_channels_by_activation() -> None:
     weight = torch.randn(16, 24, dtype=torch.float64)
     x = torch.randn(400, 24, dtype=torch.float64)
     x[:, 3] *= 50.0
-    a0, b0 = scaled_factors(weight, torch.ones(24, dtype=torch.float64), 6)
-    pa, pb = truncated_svd(weight, 6)
+    a0, b0 = scaled_spectrum(weight, torch.ones(24, dtype=torch.float64)).factors(6)
+    pa, pb = svd_spectrum(weight).factors(6)
     assert torch.allclose(a0 @ b0, pa @ pb)
     stat = Asvd.statistic()
     stat.update(x)
-    a, b = Asvd(AsvdArgs(alpha=0.5)).factorize(weight, stat, 6)
+    a, b = Asvd(AsvdArgs(alpha=0.5)).spectrum(weight, stat).factors(6)
     assert ((weight - a @ b) @ x.T).norm() < ((weight - pa @ pb) @ x.T).norm()
