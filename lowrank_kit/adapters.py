@@ -11,6 +11,8 @@ from typing import ClassVar
 
 from torch import nn
 
+from lowrank_kit import hf_compat
+
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
@@ -116,6 +118,7 @@ ADAPTERS: list[type[ModelAdapter]] = [ModelAdapter, Qwen2Adapter, Gemma3Adapter]
 
 
 def adapter_for(model: nn.Module) -> ModelAdapter:
+    hf_compat.check_version()  # once per process: a warning outside the tested transformers range
     model_type = model.config.get_text_config().model_type
     for cls in ADAPTERS:
         if model_type in cls.model_types:

@@ -11,7 +11,9 @@ accepts a value dim different from the key dim.
 
 This follows the Llama-family attention layout shared by the adapters' architectures (Llama,
 Mistral, Qwen2, Gemma3): rotary embeddings from the decoder, optional q/k norms, a cache
-updated per layer.
+updated per layer. What it needs of transformers' internals (the cache keyword, the rotary
+and attention helpers) comes from ``hf_compat``; mixing it into a class whose forward takes the
+cache under an unknown keyword is an error, never a forward that ignores its cache.
 """
 
 from __future__ import annotations
@@ -22,9 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
+from lowrank_kit import hf_compat
 from lowrank_kit.modules import SliceableRank
 
 
@@ -48,9 +49,10 @@ class ValueDimAttention(SliceableRank):
         return rank * (module.v_proj.in_features * groups + module.o_proj.out_features * heads)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: Any = None,
-                attention_mask: torch.Tensor | None = None, past_key_values: Any = None,
+                attention_mask: torch.Tensor | None = None,
                 **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         module: Any = self
+        cache = hf_compat.pop_cache(kwargs)  # `cache` from transformers 5.24, `past_key_values` before
         input_shape = hidden_states.shape[:-1]
         rank, active = self.v_head_dim, self.used_rank()
         query = module.q_proj(hidden_states).view(*input_shape, -1, module.head_dim).transpose(1, 2)
@@ -65,13 +67,13 @@ class ValueDimAttention(SliceableRank):
         if getattr(module, "q_norm", None) is not None:
             query, key = module.q_norm(query), module.k_norm(key)
         cos, sin = position_embeddings
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        if past_key_values is not None:
+        query, key = hf_compat.apply_rotary_pos_emb(query, key, cos, sin)
+        if cache is not None:
             if active < rank:  # the cache keeps all `rank` dims; dims past `active` are never read again
                 value = F.pad(value, (0, rank - active))
-            key, value = past_key_values.update(key, value, module.layer_idx)
+            key, value = cache.update(key, value, module.layer_idx)
             value = value[..., :active]
-        attend = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager_attention_forward)
+        attend = hf_compat.attention_function(module)
         # Gemma3/Qwen2 modules carry their own window (None on global layers); Mistral reads its config.
         if hasattr(module, "sliding_window"):
             window = module.sliding_window
@@ -91,6 +93,7 @@ class ValueDimAttention(SliceableRank):
 
 @functools.cache
 def _mixed(cls: type) -> type:
+    hf_compat.cache_keyword(cls)  # raises where the stock forward takes its cache under an unknown name
     return type(f"ValueDim{cls.__name__}", (ValueDimAttention, cls), {})
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from lowrank_kit import hf_compat
 from lowrank_kit.modules import SliceableRank
 
 
@@ -26,7 +27,7 @@ def rank_modules(model: nn.Module) -> list[SliceableRank]:
 
 def is_prompt(kwargs: dict[str, Any]) -> bool:
     """Whether a forward of ``generate`` processes a prompt (empty or no KV cache) rather than a new token."""
-    cache = kwargs.get("past_key_values")
+    cache = hf_compat.cache_in(kwargs)
     return cache is None or cache.get_seq_length() == 0
 
 
@@ -48,6 +49,7 @@ class ProgressiveDecoder:
     kind = "progressive"
 
     def __init__(self, model: nn.Module, stages: list[tuple[int, float]], floor: float):
+        hf_compat.cache_keyword(type(model))  # tells prompts from decode steps only by a cache it can see
         self.stages = [(int(t), float(f)) for t, f in stages]
         self.floor = floor
         self.modules = rank_modules(model)

@@ -17,6 +17,7 @@ import torch
 from torchmetrics.text import Perplexity, ROUGEScore
 from tqdm.auto import tqdm
 
+from lowrank_kit import hf_compat
 from lowrank_kit.data import evaluation_windows, generation_prompts, lastword_examples, load_text, tokenize
 from lowrank_kit.decoding import is_prompt, rank_modules
 
@@ -48,6 +49,9 @@ class GenerationMeter:
 
     A forward with an empty KV cache is a prefill; every other one is a decode step that feeds
     one token per sequence. Multiply-adds are read after each forward, at the ranks it used.
+    ``end_call`` checks each ``generate`` call: several forwards that all saw an empty cache mean
+    the cache never grew (a forward ignored it), which is an error, since such a model generates
+    garbage; where decode speed cannot be measured, ``note`` says why.
     """
 
     def __init__(self, model: Any):
@@ -59,11 +63,17 @@ class GenerationMeter:
         self.static_decode_macs = 0  # the same tokens at the allocated ranks
         self._start = 0.0
         self._prefill = False
+        self._call_forwards = self._call_decodes = 0
+        self._call_cached = False
+        self.note: str | None = None
         self._handles = [model.register_forward_pre_hook(self._before, with_kwargs=True),
                          model.register_forward_hook(self._after, with_kwargs=True)]
 
     def _before(self, _model: Any, _args: Any, kwargs: dict[str, Any]) -> None:
         self._prefill = is_prompt(kwargs)
+        self._call_forwards += 1
+        self._call_decodes += not self._prefill
+        self._call_cached |= hf_compat.cache_in(kwargs) is not None
         self._tokens = int(kwargs["input_ids"].numel())
         self._start = time.perf_counter()
 
@@ -77,6 +87,21 @@ class GenerationMeter:
         self.decode_tokens += self._tokens
         self.decode_macs += self._tokens * sum(m.macs_per_token(m.used_rank()) for m in self.modules)
         self.static_decode_macs += self._tokens * self.static_macs
+
+    def end_call(self, new_tokens: int) -> None:
+        """Check one finished ``generate`` call that produced ``new_tokens`` tokens per sequence."""
+        forwards, decodes, cached = self._call_forwards, self._call_decodes, self._call_cached
+        self._call_forwards = self._call_decodes = 0
+        self._call_cached = False
+        if decodes or new_tokens <= 1:
+            if not decodes and self.decode_tokens == 0:
+                self.note = "no decode step: every continuation ended after its first token"
+            return
+        if cached:
+            raise hf_compat.UnsupportedTransformers(
+                f"the KV cache stayed empty through {forwards} forwards of generate: a module ignored it, so the "
+                f"continuations are garbage; {hf_compat.version_note()}")
+        self.note = "generate ran without a KV cache (use_cache is off), so no forward was a decode step"
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -114,6 +139,7 @@ def generate_continuations(model: Any, tokenizer: Any, prompts: list[list[int]],
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                                  max_new_tokens=new_tokens, pad_token_id=pad_id, temperature=None, top_p=None,
                                  top_k=None)
+            meter.end_call(out.shape[1] - ids.shape[1])
             texts += [tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True) for row in out.tolist()]
     finally:
         meter.remove()
@@ -139,6 +165,7 @@ def generation(model: Any, tokenizer: Any, spec: Any, needs_bos: bool, dense: di
         "rougeL_vs_reference": rouge_l(texts, references) if references else None,
         "prefill_tok_s": meter.prefill_tokens / meter.prefill_s if meter.prefill_s else None,
         "decode_tok_s": meter.decode_tokens / meter.decode_s if meter.decode_s else None,
+        "decode_note": meter.note,
         "batch_size": spec.batch_size,
         "lowrank_decode_macs_per_token": meter.decode_macs / meter.decode_tokens if meter.decode_tokens else 0,
         "decode_macs_saved": 1 - meter.decode_macs / meter.static_decode_macs if meter.static_decode_macs else 0.0,

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowrank_kit import hf_compat
+
 
 class _Stop(Exception):
     pass
@@ -43,8 +45,7 @@ def _recording(layers: nn.ModuleList, record: list[dict[str, Any]], first: list[
                 first.append(hidden_states)
             kwargs = dict(kwargs)
             kwargs["use_cache"] = False
-            kwargs.pop("past_key_values", None)
-            kwargs.pop("past_key_value", None)
+            hf_compat.pop_cache(kwargs)
             record.append(kwargs)
             if index == last:
                 raise _Stop

@@ -165,4 +165,8 @@ def _generation_table(rows: list[dict[str, Any]]) -> list[str]:
                        f"{_number(d.get('prefill_tok_s'), '.1f')} | {_number(d.get('decode_tok_s'), '.1f')} | "
                        f"{d.get('lowrank_decode_macs_per_token', 0):,.0f} | {d.get('decode_macs_saved', 0):.1%} |")
         out.append("")
+        out += [f"Decode tok/s of the {label} model not measured: "
+                f"{row['details'][label].get('decode_note') or 'no decode step was timed'}.\n"
+                for label in ("dense", "compressed")
+                if row["details"][label] and row["details"][label].get("decode_tok_s") is None]
     return out

@@ -1,0 +1,85 @@
+"""Every use of transformers' internals, in one place, for the versions lowrank-kit knows.
+
+What the compressed modules and the generation hooks need from transformers beyond its public
+API: the keyword under which the KV cache reaches a forward (``past_key_values`` up to 5.23,
+``cache`` from 5.24 on), the rotary and eager-attention helpers, and the attention-interface
+registry. Each is read from the installed library by inspection, never assumed from a version
+number, and an unknown spelling stops with an error that names the class and the versions
+tested: a forward that quietly ignored its cache would generate garbage (as value-dim attention
+did under 5.24 before this module existed).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import transformers
+from packaging.version import Version
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
+
+# The range the test suite ran against (docs/quickstart.md lists the locked set); pyproject.toml
+# declares the same bounds. The upper bound is the first release not tested.
+TESTED_FROM, TESTED_BELOW = Version("5.23.0"), Version("5.25")
+# Spellings of the forward's KV-cache keyword, newest first.
+CACHE_KEYWORDS = ("cache", "past_key_values")
+
+__all__ = ["CACHE_KEYWORDS", "UnsupportedTransformers", "apply_rotary_pos_emb", "attention_function",
+           "cache_in", "cache_keyword", "check_version", "pop_cache", "version_note"]
+
+
+class UnsupportedTransformers(RuntimeError):
+    """The installed transformers does something lowrank-kit cannot follow safely."""
+
+
+def version_note() -> str:
+    return (f"transformers {transformers.__version__} is installed; lowrank-kit is tested with "
+            f">={TESTED_FROM},<{TESTED_BELOW} (pip install 'transformers>={TESTED_FROM},<{TESTED_BELOW}')")
+
+
+@functools.cache
+def check_version() -> bool:
+    """Warn once when transformers is outside the tested range; True when inside it."""
+    inside = TESTED_FROM <= Version(Version(transformers.__version__).base_version) < TESTED_BELOW
+    if not inside:
+        warnings.warn(f"{version_note()}. Compressed attention checks every forward signature it relies on "
+                      "and stops with an error where it cannot follow one.", stacklevel=2)
+    return inside
+
+
+@functools.cache
+def cache_keyword(cls: type) -> str:
+    """The keyword under which ``cls.forward`` takes the KV cache (an attention module or a whole model)."""
+    parameters = inspect.signature(cls.forward).parameters
+    for name in CACHE_KEYWORDS:
+        if name in parameters:
+            return name
+    raise UnsupportedTransformers(
+        f"{cls.__name__}.forward takes the KV cache under none of {', '.join(CACHE_KEYWORDS)} "
+        f"(its parameters: {', '.join(parameters)}); {version_note()}")
+
+
+def cache_in(kwargs: dict[str, Any]) -> Any:
+    """The KV cache passed to a forward under any known spelling (None when there is none)."""
+    for name in CACHE_KEYWORDS:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
+
+
+def pop_cache(kwargs: dict[str, Any]) -> Any:
+    """Remove the KV cache from forward keyword arguments, whatever its spelling, and return it."""
+    found = None
+    for name in CACHE_KEYWORDS:
+        value = kwargs.pop(name, None)
+        found = value if found is None else found
+    return found
+
+
+def attention_function(module: Any) -> Callable[..., tuple[Any, Any]]:
+    """The attention kernel the model's config selects (eager, SDPA, ...), from transformers' registry."""
+    return ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager_attention_forward)
