@@ -23,7 +23,7 @@ fi
 "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1
 if ! "$VENV/bin/python" -m pip install -q -c "$LOCK" torch==2.13.0 \
     || ! "$VENV/bin/python" -m pip install -q -c "$LOCK" -e '.[plots,dev]'; then
-  box "SKIPPED: could not install the locked set into $VENV (no package index?)"; exit 0
+  box "SKIPPED: could not install the locked set into $VENV (pip's error above)"; exit 0
 fi
 # Without the lock and past our own upper bound: pip warns that lowrank-kit's range is not met.
 out=$("$VENV/bin/python" -m pip install -q --upgrade transformers 2>&1); rc=$?
