@@ -24,12 +24,12 @@ def main() -> None:
     import yaml
     from transformers import AutoTokenizer
 
-    from lowrank_kit.adapters import adapter_for
-    from lowrank_kit.data import generation_prompts
-    from lowrank_kit.decoding import install
-    from lowrank_kit.evaluation import generate_continuations, rouge_l
-    from lowrank_kit.io import load_pretrained
-    from lowrank_kit.recipe import from_raw
+    from lowrank_kit.compressed.decoding import install
+    from lowrank_kit.data.texts import generation_prompts
+    from lowrank_kit.evaluation.generation import generate_continuations, rouge_l
+    from lowrank_kit.models.adapters import adapter_for
+    from lowrank_kit.persistence.saving import load_pretrained
+    from lowrank_kit.recipe.loading import from_raw
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path)

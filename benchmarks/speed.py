@@ -60,7 +60,7 @@ def decode_tokens_per_s(model: Any, batch: int, prompt: int, new: int, repeats: 
 def measure(which: str, folder: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Load one model and time it; runs in its own process so its peak memory is its own."""
     from lowrank_kit import load_pretrained
-    from lowrank_kit.models import load_model
+    from lowrank_kit.models.loading import load_model
 
     torch.manual_seed(0)
     if which == "dense":

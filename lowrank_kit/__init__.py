@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from lowrank_kit.hookspecs import hookimpl, hookspec
-from lowrank_kit.strategy import Strategy
+from lowrank_kit.extension.hookspecs import hookimpl, hookspec
+from lowrank_kit.extension.strategy import Strategy
 
 __version__ = "0.1.0"
 __all__ = ["Strategy", "__version__", "bench", "compress", "hookimpl", "hookspec", "load_pretrained", "load_recipe"]
@@ -24,21 +24,21 @@ def compress(recipe: Any, overrides: dict[str, Any] | list[str] | None = None, *
 
 
 def bench(recipes: list[Any], ratios: list[float], output: Any = "runs/bench", **kwargs: Any) -> list[dict[str, Any]]:
-    """Every recipe at every ratio on one model and data; see ``lowrank_kit.bench.run_bench``."""
-    from lowrank_kit.bench import run_bench
+    """Every recipe at every ratio on one model and data; see ``lowrank_kit.harness.bench.run_bench``."""
+    from lowrank_kit.harness.bench import run_bench
 
     return run_bench(recipes, ratios, output, **kwargs)
 
 
 def load_pretrained(folder: Any, device: Any = "cpu") -> Any:
     """Load a model saved by ``compress`` (no pickle, no remote code)."""
-    from lowrank_kit.io import load_pretrained as _load
+    from lowrank_kit.persistence.saving import load_pretrained as _load
 
     return _load(folder, device)
 
 
 def load_recipe(path: Any, overrides: Any = None) -> Any:
     """Read and validate a recipe file without loading any model."""
-    from lowrank_kit.recipe import load
+    from lowrank_kit.recipe.loading import load
 
     return load(path, overrides)

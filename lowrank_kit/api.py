@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lowrank_kit.engine import Engine, Result
-from lowrank_kit.recipe import Recipe, from_raw, load
+from lowrank_kit.pipeline.engine import Engine, Result
+from lowrank_kit.recipe.loading import from_raw, load
+from lowrank_kit.recipe.spec import Recipe
 
 RUN_OPTIONS = ("overwrite", "progress", "callbacks", "model", "tokenizer")
 

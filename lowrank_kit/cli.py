@@ -10,8 +10,9 @@ from typing import Any
 
 import yaml
 
-from lowrank_kit.schema import RecipeError, describe_fields
-from lowrank_kit.strategy import HOOK_POINTS, registry
+from lowrank_kit.extension.manager import registry
+from lowrank_kit.extension.strategy import HOOK_POINTS
+from lowrank_kit.recipe.schema import RecipeError, describe_fields
 
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +23,7 @@ def _recipe_args(parser: argparse.ArgumentParser) -> None:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     from lowrank_kit.api import compress
-    from lowrank_kit.report import markdown
+    from lowrank_kit.reporting.report import markdown
 
     overrides = list(args.overrides)
     if args.output:
@@ -36,7 +37,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from lowrank_kit.recipe import load
+    from lowrank_kit.recipe.loading import load
 
     recipe = load(args.recipe, args.overrides)
     print(f"ok: '{recipe.name}' is valid; resolved recipe:\n")
@@ -60,11 +61,11 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from lowrank_kit.adapters import adapter_for
-    from lowrank_kit.evaluation import evaluate
-    from lowrank_kit.io import WEIGHTS, load_pretrained
-    from lowrank_kit.models import load_model
-    from lowrank_kit.recipe import EvalSpec
+    from lowrank_kit.evaluation.metrics import evaluate
+    from lowrank_kit.models.adapters import adapter_for
+    from lowrank_kit.models.loading import load_model
+    from lowrank_kit.persistence.saving import WEIGHTS, load_pretrained
+    from lowrank_kit.recipe.spec import EvalSpec
 
     if os.path.isfile(os.path.join(args.model, WEIGHTS)) and os.path.isfile(os.path.join(args.model, "recipe.yaml")):
         from transformers import AutoTokenizer
@@ -87,7 +88,7 @@ def _ratios(text: str) -> list[float]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from lowrank_kit.bench import run_bench
+    from lowrank_kit.harness.bench import run_bench
 
     rows = run_bench(args.recipes, args.ratios, args.output, args.overrides, args.save_models,
                      progress=not args.quiet)

@@ -8,11 +8,18 @@ layer that turns its hidden states more is more important and keeps more of its 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from lowrank_kit import hookimpl
-from lowrank_kit.stats import AngularChange, Tap
-from lowrank_kit.strategy import Strategy
+from lowrank_kit.extend import (
+    AngularChange,
+    RunState,
+    Strategy,
+    StrategyRegistry,
+    Tap,
+    hookimpl,
+    layer_name,
+    layer_score,
+    statistic_key,
+)
 
 
 @dataclass
@@ -25,18 +32,19 @@ class AngularImportance(Strategy):
     point = "score"
     description = "Per-layer importance: mean angle between a decoder layer's input and output (FLAT-LLM)."
     Args = AngularImportanceArgs
+    produces = "layer"
 
     @hookimpl
-    def lowrank_collect(self, run: Any, tap: Tap, layer: int | None) -> None:
-        if layer is None:
-            for index, module in enumerate(run.adapter.layers):
-                tap.watch(f"AngularChange:layers.{index}", module, AngularChange(), where="io")
+    def lowrank_collect_dense(self, run: RunState, tap: Tap) -> None:
+        for index, module in enumerate(run.adapter.layers):
+            tap.watch(statistic_key(AngularChange, layer_name(index)), module, AngularChange(), where="io")
 
     @hookimpl
-    def lowrank_score(self, run: Any) -> dict[str, float]:
-        return {f"layers.{i}": float(run.stat(f"AngularChange:layers.{i}").sum) for i in range(run.geometry.layers)}
+    def lowrank_score(self, run: RunState) -> dict[str, float]:
+        return {layer_score(i): float(run.stat(statistic_key(AngularChange, layer_name(i))).sum)
+                for i in range(run.geometry.layers)}
 
 
 @hookimpl
-def lowrank_register(registry: Any) -> None:
+def lowrank_register(registry: StrategyRegistry) -> None:
     registry.add(AngularImportance)

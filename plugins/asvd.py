@@ -11,15 +11,19 @@ so the undoing division stays finite.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
-from lowrank_kit import hookimpl
-from lowrank_kit.linalg import Spectrum, scaled_spectrum
-from lowrank_kit.schema import RecipeError
-from lowrank_kit.stats import AbsMean
-from lowrank_kit.transforms import ProjectionFactorization
+from lowrank_kit.extend import (
+    AbsMean,
+    ProjectionFactorization,
+    RecipeError,
+    Spectrum,
+    Statistic,
+    StrategyRegistry,
+    hookimpl,
+    scaled_spectrum,
+)
 
 
 @dataclass
@@ -43,10 +47,10 @@ class Asvd(ProjectionFactorization):
     Args = AsvdArgs
     statistic = AbsMean
 
-    def spectrum(self, weight: torch.Tensor, stat: Any) -> Spectrum:
+    def spectrum(self, weight: torch.Tensor, stat: Statistic | None) -> Spectrum:
         return scaled_spectrum(weight, activation_scale(stat.mean, self.args.alpha))
 
 
 @hookimpl
-def lowrank_register(registry: Any) -> None:
+def lowrank_register(registry: StrategyRegistry) -> None:
     registry.add(Asvd)

@@ -16,24 +16,32 @@ bisected so the ratio counted from the rounded ranks meets the target.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
-from lowrank_kit import hookimpl
-from lowrank_kit.adapters import PROJECTIONS
-from lowrank_kit.plan import (
+from lowrank_kit.extend import (
+    PROJECTIONS,
+    Geometry,
+    NoArgs,
     RankPlan,
+    RecipeError,
+    RunState,
+    SquaredGrad,
+    Strategy,
+    StrategyRegistry,
+    Tap,
     Unit,
     achieved_ratio,
     capped_shares,
+    hookimpl,
     largest_meeting_target,
+    projection_name,
+    projection_score,
+    statistic_key,
     uniform_fraction,
 )
-from lowrank_kit.stats import SquaredGrad, Tap
-from lowrank_kit.strategy import NoArgs, Strategy
 
 
 def _key(layer: int, projection: str) -> str:
-    return f"SquaredGrad:layers.{layer}.{projection}"
+    return statistic_key(SquaredGrad, projection_name(layer, projection))
 
 
 class FisherScore(Strategy):
@@ -41,23 +49,22 @@ class FisherScore(Strategy):
     point = "score"
     description = "Per-projection importance from squared loss gradients on calibration data (FLRC)."
     Args = NoArgs
+    produces = "projection"
 
     @hookimpl
-    def lowrank_collect(self, run: Any, tap: Tap, layer: int | None) -> None:
-        if layer is not None:
-            return
+    def lowrank_collect_dense(self, run: RunState, tap: Tap) -> None:
         for index in range(run.geometry.layers):
             for projection in PROJECTIONS:
                 tap.watch_grad(_key(index, projection), run.adapter.projection(index, projection).weight,
                                SquaredGrad())
 
     @hookimpl
-    def lowrank_score(self, run: Any) -> dict[str, float]:
+    def lowrank_score(self, run: RunState) -> dict[str, float]:
         scores = {}
         for index in range(run.geometry.layers):
             for projection in PROJECTIONS:
                 stat = run.stat(_key(index, projection))
-                scores[f"layers.{index}.{projection}"] = float((stat.sum / stat.count).sqrt().mean())
+                scores[projection_score(index, projection)] = float((stat.sum / stat.count).sqrt().mean())
         return scores
 
 
@@ -67,16 +74,14 @@ class FisherAllocatorArgs:
                                                         "models, for fast kernels)"})
 
     def check(self, path: str) -> None:
-        from lowrank_kit.schema import RecipeError
-
         if self.multiple < 1:
             raise RecipeError(f"{path}.multiple", f"must be at least 1, got {self.multiple}")
 
 
-def unit_importance(unit: Unit, scores: dict[str, float], geometry: Any) -> float:
+def unit_importance(unit: Unit, scores: dict[str, float], geometry: Geometry) -> float:
     """Element-weighted mean of the Fisher importance of the projections a unit holds."""
-    projections = unit.kind.split("+")
-    names = [f"layers.{unit.layer}.{p}" for p in projections]
+    projections = unit.projections
+    names = [projection_score(unit.layer, p) for p in projections]
     missing = [n for n in names if n not in scores]
     if missing or not set(projections) <= set(PROJECTIONS):
         raise ValueError(f"fisher allocation needs per-projection scores (score: fisher); none for {unit.name}")
@@ -96,10 +101,10 @@ class FisherAllocator(Strategy):
     point = "allocate"
     description = "Parameter budget split across projections in proportion to Fisher importance (FLRC)."
     Args = FisherAllocatorArgs
-    needs_scores = True
+    consumes = "projection"
 
     @hookimpl
-    def lowrank_allocate(self, run: Any, units: list[Unit]) -> RankPlan:
+    def lowrank_allocate(self, run: RunState, units: list[Unit]) -> RankPlan:
         geometry = run.geometry
         importance = [unit_importance(u, run.scores, geometry) for u in units]
         sizes = [float(u.dense_params) for u in units]
@@ -125,6 +130,6 @@ class FisherAllocator(Strategy):
 
 
 @hookimpl
-def lowrank_register(registry: Any) -> None:
+def lowrank_register(registry: StrategyRegistry) -> None:
     registry.add(FisherScore)
     registry.add(FisherAllocator)

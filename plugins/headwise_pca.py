@@ -11,16 +11,23 @@ cache) shrinks from d_h to r; the same r for every head of a layer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
-from lowrank_kit import hookimpl
-from lowrank_kit.attention import shrink_values
-from lowrank_kit.plan import Unit
-from lowrank_kit.stats import HeadGram, Tap
-from lowrank_kit.strategy import Strategy
+from lowrank_kit.extend import (
+    HeadGram,
+    RunState,
+    Strategy,
+    StrategyRegistry,
+    Tap,
+    Unit,
+    group_name,
+    hookimpl,
+    layer_name,
+    shrink_values,
+    statistic_key,
+)
 
 
 @dataclass
@@ -69,43 +76,43 @@ class HeadwisePca(Strategy):
     targets_all_or_none = True
 
     @staticmethod
-    def _key(layer: int) -> str:
-        return f"HeadGram:layers.{layer}.v_proj_output"
+    def _key(run: RunState, layer: int) -> str:
+        return statistic_key(HeadGram, run.adapter.output_site(layer, "v_proj"))
 
-    def _rank(self, run: Any, layer: int) -> int | None:
+    def _rank(self, run: RunState, layer: int) -> int | None:
         (unit,) = run.units_of(self.name, layer)
         rank = run.require_plan().rank(unit)
         return None if unit.is_dense(rank) else rank
 
     @hookimpl
-    def lowrank_units(self, run: Any) -> list[Unit]:
+    def lowrank_units(self, run: RunState) -> list[Unit]:
         g = run.geometry
         d, groups, heads = g.hidden, g.kv_heads, g.heads
         return [
-            Unit(name=f"layers.{i}.v_proj+o_proj", layer=i, kind="v_proj+o_proj", transform=self.name,
+            Unit(name=group_name(i, "v_proj+o_proj"), layer=i, projections=("v_proj", "o_proj"), transform=self.name,
                  dense_params=d * (groups + heads) * g.head_dim, rank_cost=d * (groups + heads), max_rank=g.head_dim)
             for i in range(g.layers)
         ]
 
     @hookimpl
-    def lowrank_collect(self, run: Any, tap: Tap, layer: int | None) -> None:
-        if layer is not None and self._rank(run, layer) is not None:
-            tap.watch(self._key(layer), run.adapter.projection(layer, "v_proj"), HeadGram(run.geometry.head_dim),
+    def lowrank_collect_layer(self, run: RunState, tap: Tap, layer: int) -> None:
+        if self._rank(run, layer) is not None:
+            tap.watch(self._key(run, layer), run.adapter.projection(layer, "v_proj"), HeadGram(run.geometry.head_dim),
                       where="output")
 
     @hookimpl
-    def lowrank_transform(self, run: Any, layer: int) -> None:
+    def lowrank_transform(self, run: RunState, layer: int) -> None:
         rank = self._rank(run, layer)
         if rank is None:
             return
-        values, vectors = value_bases(run.stat(self._key(layer)).sum)
+        values, vectors = value_bases(run.stat(self._key(run, layer)).sum)
         attention = run.adapter.attention(layer)
         new_v, new_o = project_heads(attention, vectors[:, :, :rank], run.geometry.kv_heads, run.geometry.heads)
         shrink_values(attention, new_v, new_o, rank)
         dropped = values[:, rank:].sum() / values.sum()
-        run.notes.setdefault(self.name, {})[f"layers.{layer}"] = {"dropped_eigenvalue_share": float(dropped)}
+        run.notes.setdefault(self.name, {})[layer_name(layer)] = {"dropped_eigenvalue_share": float(dropped)}
 
 
 @hookimpl
-def lowrank_register(registry: Any) -> None:
+def lowrank_register(registry: StrategyRegistry) -> None:
     registry.add(HeadwisePca)

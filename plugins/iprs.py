@@ -11,19 +11,21 @@ bisection until the ratio counted from the real shapes meets the target.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from lowrank_kit import hookimpl
-from lowrank_kit.plan import (
+from lowrank_kit.extend import (
     RankPlan,
+    RunState,
+    Strategy,
+    StrategyRegistry,
     Unit,
     achieved_ratio,
     capped_shares,
+    hookimpl,
     largest_meeting_target,
+    layer_score,
     plan_from_fractions,
     uniform_fraction,
 )
-from lowrank_kit.strategy import Strategy
 
 
 @dataclass
@@ -41,15 +43,15 @@ class Iprs(Strategy):
     point = "allocate"
     description = "Per-layer keep-fractions proportional to layer importance, capped at 1 (FLAT-LLM IPRS)."
     Args = IprsArgs
-    needs_scores = True
+    consumes = "layer"
 
     @hookimpl
-    def lowrank_allocate(self, run: Any, units: list[Unit]) -> RankPlan:
+    def lowrank_allocate(self, run: RunState, units: list[Unit]) -> RankPlan:
         layers = sorted({u.layer for u in units})
-        missing = [f"layers.{i}" for i in layers if f"layers.{i}" not in run.scores]
+        missing = [layer_score(i) for i in layers if layer_score(i) not in run.scores]
         if missing:
             raise ValueError(f"iprs needs per-layer scores such as angular_importance's; missing {missing[:3]}")
-        scores = [run.scores[f"layers.{i}"] for i in layers]
+        scores = [run.scores[layer_score(i)] for i in layers]
         total = run.geometry.total_linear_params
         w = uniform_fraction(units, total, run.target_ratio)
 
@@ -66,5 +68,5 @@ class Iprs(Strategy):
 
 
 @hookimpl
-def lowrank_register(registry: Any) -> None:
+def lowrank_register(registry: StrategyRegistry) -> None:
     registry.add(Iprs)

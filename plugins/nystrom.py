@@ -14,19 +14,25 @@ to the average channel energy, so the same recipe means the same thing for any c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
-from lowrank_kit import hookimpl
-from lowrank_kit.linalg import psd_cholesky
-from lowrank_kit.modules import ResizedLinear
-from lowrank_kit.plan import Unit
-from lowrank_kit.stats import Gram, Tap
-from lowrank_kit.strategy import Strategy
-
-MLP = ("gate_proj", "up_proj", "down_proj")
+from lowrank_kit.extend import (
+    MLP_PROJECTIONS,
+    Gram,
+    RecipeError,
+    ResizedLinear,
+    RunState,
+    Strategy,
+    StrategyRegistry,
+    Tap,
+    Unit,
+    group_name,
+    hookimpl,
+    psd_cholesky,
+    statistic_key,
+)
 
 
 @dataclass
@@ -34,8 +40,6 @@ class NystromArgs:
     ridge: float = field(default=1e-3, metadata={"help": "λ relative to trace(C)/d_int of down_proj's input Gram"})
 
     def check(self, path: str) -> None:
-        from lowrank_kit.schema import RecipeError
-
         if self.ridge <= 0:
             raise RecipeError(f"{path}.ridge", f"must be positive, got {self.ridge}")
 
@@ -72,32 +76,32 @@ class Nystrom(Strategy):
     point = "transform"
     description = "FLAT-LLM Nyström MLP pruning: keep the top ridge-leverage channels, correct down_proj."
     Args = NystromArgs
-    allowed_targets = MLP
+    allowed_targets = MLP_PROJECTIONS
     targets_all_or_none = True
 
     @staticmethod
-    def _key(run: Any, layer: int) -> str:
-        return f"Gram:{run.adapter.input_site(layer, 'down_proj')}"  # shared with svd_llm's down_proj
+    def _key(run: RunState, layer: int) -> str:
+        return statistic_key(Gram, run.adapter.input_site(layer, "down_proj"))  # shared with svd_llm's down_proj
 
-    def _channels(self, run: Any, layer: int) -> int | None:
+    def _channels(self, run: RunState, layer: int) -> int | None:
         (unit,) = run.units_of(self.name, layer)
         rank = run.require_plan().rank(unit)
         return None if unit.is_dense(rank) else max(rank, 1)
 
     @hookimpl
-    def lowrank_units(self, run: Any) -> list[Unit]:
+    def lowrank_units(self, run: RunState) -> list[Unit]:
         g = run.geometry
-        return [Unit(name=f"layers.{i}.mlp", layer=i, kind="gate_proj+up_proj+down_proj", transform=self.name,
+        return [Unit(name=group_name(i, "mlp"), layer=i, projections=MLP_PROJECTIONS, transform=self.name,
                      dense_params=3 * g.hidden * g.intermediate, rank_cost=3 * g.hidden, max_rank=g.intermediate)
                 for i in range(g.layers)]
 
     @hookimpl
-    def lowrank_collect(self, run: Any, tap: Tap, layer: int | None) -> None:
-        if layer is not None and self._channels(run, layer) is not None:
+    def lowrank_collect_layer(self, run: RunState, tap: Tap, layer: int) -> None:
+        if self._channels(run, layer) is not None:
             tap.watch(self._key(run, layer), run.adapter.projection(layer, "down_proj"), Gram())
 
     @hookimpl
-    def lowrank_transform(self, run: Any, layer: int) -> None:
+    def lowrank_transform(self, run: RunState, layer: int) -> None:
         k = self._channels(run, layer)
         if k is None:
             return
@@ -118,5 +122,5 @@ class Nystrom(Strategy):
 
 
 @hookimpl
-def lowrank_register(registry: Any) -> None:
+def lowrank_register(registry: StrategyRegistry) -> None:
     registry.add(Nystrom)

@@ -15,12 +15,10 @@ modules' decode multiply-adds for a 6% relative loss of ROUGE-L against the dens
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
-from lowrank_kit import hookimpl
-from lowrank_kit.decoding import install
-from lowrank_kit.schema import RecipeError
-from lowrank_kit.strategy import Strategy
+from torch import nn
+
+from lowrank_kit.extend import RecipeError, RunState, Strategy, StrategyRegistry, hookimpl, install_decoder
 
 
 @dataclass
@@ -57,11 +55,11 @@ class Progressive(Strategy):
     Args = ProgressiveArgs
 
     @hookimpl
-    def lowrank_decode(self, run: Any, model: Any) -> None:
-        decoder = install(model, {"kind": "progressive", "stages": self.args.stages, "floor": self.args.floor})
+    def lowrank_decode(self, run: RunState, model: nn.Module) -> None:
+        decoder = install_decoder(model, {"kind": "progressive", "stages": self.args.stages, "floor": self.args.floor})
         run.notes[self.name] = {"modules": len(decoder.modules), **decoder.spec()}
 
 
 @hookimpl
-def lowrank_register(registry: Any) -> None:
+def lowrank_register(registry: StrategyRegistry) -> None:
     registry.add(Progressive)

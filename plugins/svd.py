@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from lowrank_kit import hookimpl
-from lowrank_kit.linalg import Spectrum, svd_spectrum
-from lowrank_kit.transforms import ProjectionFactorization
+from lowrank_kit.extend import ProjectionFactorization, Spectrum, Statistic, StrategyRegistry, hookimpl, svd_spectrum
 
 
 @dataclass
@@ -23,10 +20,10 @@ class Svd(ProjectionFactorization):
     Args = SvdArgs
     statistic = None
 
-    def spectrum(self, weight: torch.Tensor, stat: Any) -> Spectrum:
+    def spectrum(self, weight: torch.Tensor, stat: Statistic | None) -> Spectrum:
         return svd_spectrum(weight)
 
 
 @hookimpl
-def lowrank_register(registry: Any) -> None:
+def lowrank_register(registry: StrategyRegistry) -> None:
     registry.add(Svd)

@@ -7,14 +7,18 @@ error on the calibration inputs. Works on GQA models: k/v shapes come from the a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from lowrank_kit import hookimpl
-from lowrank_kit.linalg import Spectrum, whitened_spectrum
-from lowrank_kit.stats import Gram
-from lowrank_kit.transforms import ProjectionFactorization
+from lowrank_kit.extend import (
+    Gram,
+    ProjectionFactorization,
+    Spectrum,
+    Statistic,
+    StrategyRegistry,
+    hookimpl,
+    whitened_spectrum,
+)
 
 
 @dataclass
@@ -28,10 +32,10 @@ class SvdLlm(ProjectionFactorization):
     Args = SvdLlmArgs
     statistic = Gram
 
-    def spectrum(self, weight: torch.Tensor, stat: Any) -> Spectrum:
+    def spectrum(self, weight: torch.Tensor, stat: Statistic | None) -> Spectrum:
         return whitened_spectrum(weight, stat.matrix)
 
 
 @hookimpl
-def lowrank_register(registry: Any) -> None:
+def lowrank_register(registry: StrategyRegistry) -> None:
     registry.add(SvdLlm)

@@ -8,11 +8,17 @@ per matrix (ALGORITHMS.md §2); with some weights left whole (Q/K under FLAT-LLM
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from lowrank_kit import hookimpl
-from lowrank_kit.plan import RankPlan, Unit, plan_from_fractions, uniform_fraction
-from lowrank_kit.strategy import Strategy
+from lowrank_kit.extend import (
+    RankPlan,
+    RunState,
+    Strategy,
+    StrategyRegistry,
+    Unit,
+    hookimpl,
+    plan_from_fractions,
+    uniform_fraction,
+)
 
 
 @dataclass
@@ -27,7 +33,7 @@ class Uniform(Strategy):
     Args = UniformArgs
 
     @hookimpl
-    def lowrank_allocate(self, run: Any, units: list[Unit]) -> RankPlan:
+    def lowrank_allocate(self, run: RunState, units: list[Unit]) -> RankPlan:
         fraction = uniform_fraction(units, run.geometry.total_linear_params, run.target_ratio)
         return RankPlan(
             ranks=plan_from_fractions(units, lambda _unit: fraction),
@@ -38,5 +44,5 @@ class Uniform(Strategy):
 
 
 @hookimpl
-def lowrank_register(registry: Any) -> None:
+def lowrank_register(registry: StrategyRegistry) -> None:
     registry.add(Uniform)

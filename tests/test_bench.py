@@ -10,9 +10,9 @@ from conftest import ByteTokenizer, tiny_model, tiny_recipe
 
 from lowrank_kit import bench
 from lowrank_kit.api import resolve_recipe
-from lowrank_kit.engine import Engine
-from lowrank_kit.evaluation import evaluate
-from lowrank_kit.schema import RecipeError
+from lowrank_kit.evaluation.metrics import evaluate
+from lowrank_kit.pipeline.engine import Engine
+from lowrank_kit.recipe.schema import RecipeError
 
 EVALUATE = [{"dataset": "austen-persuasion", "seq_len": 64, "max_tokens": 256},
             {"metric": "lastword", "prompts": 4, "seq_len": 64},
@@ -51,7 +51,7 @@ def test_bench_table_plots_failed_cell_and_resume(tmp_path: Path, monkeypatch: p
     def no_engine(*_args, **_kwargs):
         raise AssertionError("a finished cell was recomputed")
 
-    monkeypatch.setattr("lowrank_kit.bench.Engine.run", no_engine)
+    monkeypatch.setattr("lowrank_kit.harness.bench.Engine.run", no_engine)
     again = bench(recipes(tmp_path)[:2], [0.05, 0.5], out, model=tiny_model("llama"), tokenizer=ByteTokenizer(),
                   progress=False)
     assert [r["perplexity"] for r in again] == [r["perplexity"] for r in rows[:3] + rows[4:6]]

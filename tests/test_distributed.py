@@ -6,9 +6,9 @@ import torch
 from conftest import sample_ids, tiny_model
 from lightning.fabric import Fabric
 
-from lowrank_kit.adapters import adapter_for
-from lowrank_kit.replay import capture, run_layer
-from lowrank_kit.stats import AbsMean, Gram, Tap
+from lowrank_kit.calibration.stats import AbsMean, Gram, Tap
+from lowrank_kit.models.adapters import adapter_for
+from lowrank_kit.pipeline.replay import capture, run_layer
 
 
 def layer_statistics(windows: torch.Tensor, reduce=None) -> dict[str, torch.Tensor]:

@@ -13,15 +13,15 @@ import torch
 from conftest import ByteTokenizer, sample_ids, tiny_model, tiny_recipe
 
 from lowrank_kit import Strategy, compress, hookimpl, load_pretrained
-from lowrank_kit import engine as engine_module
 from lowrank_kit.api import resolve_recipe
-from lowrank_kit.cache import DenseStore
-from lowrank_kit.engine import Engine
-from lowrank_kit.modules import LowRankLinear
-from lowrank_kit.report import decoder_linear_params
-from lowrank_kit.schema import RecipeError
-from lowrank_kit.stats import Gram
-from lowrank_kit.strategy import registry
+from lowrank_kit.calibration.stats import Gram
+from lowrank_kit.compressed.modules import LowRankLinear
+from lowrank_kit.extension.manager import registry
+from lowrank_kit.pipeline import engine as engine_module
+from lowrank_kit.pipeline.cache import DenseStore
+from lowrank_kit.pipeline.engine import Engine
+from lowrank_kit.recipe.schema import RecipeError
+from lowrank_kit.reporting.report import decoder_linear_params
 
 
 def digest(folder: Path) -> dict[str, str]:
@@ -95,7 +95,7 @@ class LayerInputWatcher(Strategy):
     seen: ClassVar[dict[int, Gram]] = {}
 
     @hookimpl
-    def lowrank_collect(self, run, tap, layer):
+    def lowrank_collect_layer(self, run, tap, layer):
         if layer in (1, 2):
             self.seen[layer] = tap.watch(f"test:{layer}", run.adapter.layers[layer], Gram())
 

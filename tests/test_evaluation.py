@@ -10,9 +10,9 @@ import torch
 from conftest import ByteTokenizer, tiny_model, tiny_recipe
 
 from lowrank_kit import compress
-from lowrank_kit.data import lastword_examples
-from lowrank_kit.evaluation import lastword_accuracy
-from lowrank_kit.recipe import EvalSpec
+from lowrank_kit.data.texts import lastword_examples
+from lowrank_kit.evaluation.lastword import lastword_accuracy
+from lowrank_kit.recipe.spec import EvalSpec
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
@@ -37,7 +37,7 @@ def test_lastword_paragraphs_come_from_the_held_out_half() -> None:
     spec = EvalSpec(metric="lastword", dataset="austen-persuasion", prompts=20, seq_len=64)
     examples = lastword_examples(tokenizer, spec)
     assert len(examples) == 20
-    from lowrank_kit.data import load_text
+    from lowrank_kit.data.texts import load_text
 
     text = load_text("austen-persuasion", "evaluation")
     first_half = " ".join(text[: len(text) // 2].split())

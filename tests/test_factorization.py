@@ -9,11 +9,11 @@ from lowrank_kit_plugins.asvd import Asvd, AsvdArgs
 from lowrank_kit_plugins.svd import Svd
 from lowrank_kit_plugins.svd_llm import SvdLlm
 
-from lowrank_kit.adapters import PROJECTIONS, adapter_for
-from lowrank_kit.linalg import scaled_spectrum, svd_spectrum, whitened_spectrum
-from lowrank_kit.modules import LowRankLinear
-from lowrank_kit.replay import LayerInputs, capture, run_layer
-from lowrank_kit.stats import Gram, Tap
+from lowrank_kit.calibration.stats import Gram, Tap
+from lowrank_kit.compressed.linalg import scaled_spectrum, svd_spectrum, whitened_spectrum
+from lowrank_kit.compressed.modules import LowRankLinear
+from lowrank_kit.models.adapters import PROJECTIONS, adapter_for
+from lowrank_kit.pipeline.replay import LayerInputs, capture, run_layer
 
 
 def test_whitened_truncation_error_equals_dropped_singular_values() -> None:

@@ -13,9 +13,9 @@ from conftest import ByteTokenizer, tiny_model, tiny_recipe
 from lowrank_kit_plugins.fisher import FisherAllocator, FisherAllocatorArgs, unit_importance
 
 from lowrank_kit import compress
-from lowrank_kit.adapters import PROJECTIONS, Geometry
-from lowrank_kit.plan import achieved_ratio
-from lowrank_kit.transforms import projection_units
+from lowrank_kit.compressed.factorization import projection_units
+from lowrank_kit.compressed.plan import achieved_ratio
+from lowrank_kit.models.adapters import PROJECTIONS, Geometry
 
 FLRC = {"score": "fisher", "allocate": "fisher"}
 
@@ -87,9 +87,9 @@ def test_allocator_splits_parameters_not_ranks() -> None:
 
 
 def test_grouped_units_take_element_weighted_importance() -> None:
-    from lowrank_kit.plan import Unit
+    from lowrank_kit.compressed.plan import Unit
 
-    unit = Unit("layers.0.v_proj+o_proj", 0, "v_proj+o_proj", "headwise_pca", 1, 1, 1)
+    unit = Unit("layers.0.v_proj+o_proj", 0, ("v_proj", "o_proj"), "headwise_pca", 1, 1, 1)
     scores = {"layers.0.v_proj": 1.0, "layers.0.o_proj": 4.0}
     v, o = GEOMETRY.dense_params("v_proj"), GEOMETRY.dense_params("o_proj")
     assert unit_importance(unit, scores, GEOMETRY) == pytest.approx((v + 4 * o) / (v + o))

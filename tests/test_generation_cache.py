@@ -15,10 +15,11 @@ import torch
 from conftest import FAMILIES, ByteTokenizer, sample_ids, tiny_model, tiny_recipe
 from torch import nn
 
-from lowrank_kit import compress, hf_compat
-from lowrank_kit.attention import ValueDimAttention, shrink_values
-from lowrank_kit.evaluation import generate_continuations
-from lowrank_kit.modules import LowRankLinear, ResizedLinear
+from lowrank_kit import compress
+from lowrank_kit.compressed.modules import LowRankLinear, ResizedLinear
+from lowrank_kit.evaluation.generation import generate_continuations
+from lowrank_kit.models import hf_compat
+from lowrank_kit.models.attention import ValueDimAttention, shrink_values
 
 pytestmark = pytest.mark.generation
 

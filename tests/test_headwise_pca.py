@@ -10,10 +10,10 @@ from conftest import ByteTokenizer, sample_ids, tiny_model, tiny_recipe
 from lowrank_kit_plugins.headwise_pca import project_heads, value_bases
 
 from lowrank_kit import compress, load_pretrained
-from lowrank_kit.adapters import adapter_for
-from lowrank_kit.attention import ValueDimAttention, shrink_values
-from lowrank_kit.replay import LayerInputs, capture, run_layer
-from lowrank_kit.stats import HeadGram, Tap
+from lowrank_kit.calibration.stats import HeadGram, Tap
+from lowrank_kit.models.adapters import adapter_for
+from lowrank_kit.models.attention import ValueDimAttention, shrink_values
+from lowrank_kit.pipeline.replay import LayerInputs, capture, run_layer
 
 
 def compress_values(model, rank: int, ids: torch.Tensor) -> list[dict]:

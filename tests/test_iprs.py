@@ -15,7 +15,7 @@ from lowrank_kit_plugins.nystrom import Nystrom
 from test_plan import SMOLLM2
 
 from lowrank_kit import compress
-from lowrank_kit.plan import achieved_ratio
+from lowrank_kit.compressed.plan import achieved_ratio
 
 
 def test_fractions_are_proportional_and_sum_to_the_budget() -> None:

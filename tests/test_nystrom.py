@@ -10,11 +10,11 @@ from conftest import ByteTokenizer, sample_ids, tiny_model, tiny_recipe
 from lowrank_kit_plugins.nystrom import leverage_scores, nystrom_down
 
 from lowrank_kit import compress, load_pretrained
-from lowrank_kit.adapters import adapter_for
-from lowrank_kit.modules import ResizedLinear
-from lowrank_kit.recipe import from_raw
-from lowrank_kit.replay import capture, run_layer
-from lowrank_kit.schema import RecipeError
+from lowrank_kit.compressed.modules import ResizedLinear
+from lowrank_kit.models.adapters import adapter_for
+from lowrank_kit.pipeline.replay import capture, run_layer
+from lowrank_kit.recipe.loading import from_raw
+from lowrank_kit.recipe.schema import RecipeError
 
 
 def down_inputs(family: str = "llama", n: int = 4, length: int = 64) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import pytest
 from lowrank_kit_plugins.uniform import Uniform
 
-from lowrank_kit.adapters import PROJECTIONS, Geometry
-from lowrank_kit.plan import achieved_ratio, uniform_fraction
-from lowrank_kit.transforms import projection_units
+from lowrank_kit.compressed.factorization import projection_units
+from lowrank_kit.compressed.plan import achieved_ratio, uniform_fraction
+from lowrank_kit.models.adapters import PROJECTIONS, Geometry
 
 SMOLLM2 = Geometry(layers=30, hidden=576, heads=9, kv_heads=3, head_dim=64, intermediate=1536)
 GEMMA3 = Geometry(layers=18, hidden=640, heads=4, kv_heads=1, head_dim=256, intermediate=2048)

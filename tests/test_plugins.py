@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lowrank_kit.strategy import registry
+from lowrank_kit.extension.manager import registry
 
 DOC = Path(__file__).parent.parent / "docs" / "writing-a-plugin.md"
 

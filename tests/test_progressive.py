@@ -12,10 +12,10 @@ from conftest import ByteTokenizer, sample_ids, tiny_model, tiny_recipe
 from torch import nn
 
 from lowrank_kit import compress, load_pretrained
-from lowrank_kit.attention import ValueDimAttention, shrink_values
-from lowrank_kit.decoding import install, rank_modules, set_fraction
-from lowrank_kit.modules import LowRankLinear
-from lowrank_kit.schema import RecipeError
+from lowrank_kit.compressed.decoding import install, rank_modules, set_fraction
+from lowrank_kit.compressed.modules import LowRankLinear
+from lowrank_kit.models.attention import ValueDimAttention, shrink_values
+from lowrank_kit.recipe.schema import RecipeError
 
 MIXED = [{"plugin": "headwise_pca"}, {"plugin": "svd_llm", "targets": ["q_proj", "k_proj", "gate_proj", "up_proj",
                                                                         "down_proj"]}]
@@ -146,7 +146,7 @@ def test_generation_from_jsonl_prompts(tmp_path: Path) -> None:
     ([], "at least one"),
 ])
 def test_bad_schedules_are_located_errors(tmp_path: Path, stages: list, message: str) -> None:
-    from lowrank_kit.recipe import from_raw
+    from lowrank_kit.recipe.loading import from_raw
 
     recipe = tiny_recipe(tmp_path, decode={"plugin": "progressive", "stages": stages})
     with pytest.raises(RecipeError, match=message) as err:

@@ -27,7 +27,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def smollm2() -> tuple[Any, Any]:
-    from lowrank_kit.models import load_model
+    from lowrank_kit.models.loading import load_model
 
     return load_model("smollm2-135m")
 

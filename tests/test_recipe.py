@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lowrank_kit.recipe import from_raw, load
-from lowrank_kit.schema import RecipeError
+from lowrank_kit.recipe.loading import from_raw, load
+from lowrank_kit.recipe.schema import RecipeError
 
 RECIPES = Path(__file__).parent.parent / "recipes"
 
@@ -112,14 +112,14 @@ def test_cli_reports_one_line_and_exit_code_2(tmp_path: Path) -> None:
 
 
 def test_recipe_reference_is_up_to_date() -> None:
-    from lowrank_kit.reference import recipe_reference
+    from lowrank_kit.recipe.reference import recipe_reference
 
     doc = Path(__file__).parent.parent / "docs" / "recipes.md"
-    assert doc.read_text() == recipe_reference(), "regenerate: python -m lowrank_kit.reference > docs/recipes.md"
+    assert doc.read_text() == recipe_reference(), "regenerate: python -m lowrank_kit.recipe.reference > docs/recipes.md"
 
 
 def test_a_gguf_file_beside_a_builtin_alias_is_not_ignored() -> None:
-    from lowrank_kit.models import resolve
+    from lowrank_kit.models.loading import resolve
 
     with pytest.raises(RecipeError, match=r"model\.gguf_file: built-in model 'smollm2-135m' has one file"):
         resolve("smollm2-135m", "other.gguf")

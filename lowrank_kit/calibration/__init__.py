@@ -1,0 +1,1 @@
+"""Calibration statistics: streaming sums gathered by taps on forwards and gradients."""

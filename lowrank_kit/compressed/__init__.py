@@ -1,0 +1,1 @@
+"""Compressed modules, the factorisation base of transforms, rank plans, spectra and generation-time decoding."""

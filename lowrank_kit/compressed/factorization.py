@@ -1,0 +1,90 @@
+"""Shared machinery of transforms that factorise single projections (svd, svd_llm, asvd).
+
+A subclass says which statistics it needs and how to factorise one weight at any rank; units, the rank
+lookup in the plan and the module swap live here once.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from lowrank_kit.calibration.stats import Gram, Statistic, Tap
+from lowrank_kit.compressed.linalg import Spectrum
+from lowrank_kit.compressed.modules import LowRankLinear
+from lowrank_kit.compressed.plan import Unit
+from lowrank_kit.extension.hookspecs import hookimpl
+from lowrank_kit.extension.keys import PROJECTIONS, projection_name, statistic_key
+from lowrank_kit.extension.strategy import Strategy
+from lowrank_kit.recipe.schema import to_dict
+
+if TYPE_CHECKING:
+    from lowrank_kit.pipeline.state import RunState
+
+
+def projection_units(run: RunState, transform: str, targets: tuple[str, ...]) -> list[Unit]:
+    """One unit per targeted projection: an m×n matrix at rank r keeps r·(m+n) parameters."""
+    geometry = run.geometry
+    units = []
+    for layer in range(geometry.layers):
+        for projection in targets:
+            out, inp = geometry.dense_shape(projection)
+            units.append(Unit(name=projection_name(layer, projection), layer=layer, projections=(projection,),
+                              transform=transform, dense_params=out * inp, rank_cost=out + inp,
+                              max_rank=min(out, inp)))
+    return units
+
+
+class ProjectionFactorization(Strategy):
+    """A transform replacing each targeted projection by a LowRankLinear at its planned rank."""
+
+    point = "transform"
+    allowed_targets: ClassVar[tuple[str, ...]] = PROJECTIONS
+    # Statistic of the projection's input this transform needs; None for data-free transforms.
+    statistic: ClassVar[type[Statistic] | None] = Gram
+
+    def spectrum(self, weight: torch.Tensor, stat: Statistic | None) -> Spectrum:
+        """The rank-independent factorisation of one dense weight (float64)."""
+        raise NotImplementedError
+
+    def _pending(self, run: RunState, layer: int) -> list[tuple[Unit, int]]:
+        plan = run.require_plan()
+        return [(u, plan.rank(u)) for u in run.units_of(self.name, layer) if not u.is_dense(plan.rank(u))]
+
+    def _key(self, run: RunState, layer: int, projection: str) -> str:
+        assert self.statistic is not None
+        return statistic_key(self.statistic, run.adapter.input_site(layer, projection))
+
+    @hookimpl
+    def lowrank_units(self, run: RunState) -> list[Unit]:
+        return projection_units(run, self.name, self.targets)
+
+    @hookimpl
+    def lowrank_collect_layer(self, run: RunState, tap: Tap, layer: int) -> None:
+        if self.statistic is None:
+            return
+        for unit, _ in self._pending(run, layer):
+            module = run.adapter.projection(layer, unit.projection)
+            tap.watch(self._key(run, layer, unit.projection), module, self.new_statistic())
+
+    def new_statistic(self) -> Statistic:
+        assert self.statistic is not None
+        return self.statistic()
+
+    @hookimpl
+    def lowrank_transform(self, run: RunState, layer: int) -> None:
+        for unit, rank in self._pending(run, layer):
+            dense = run.adapter.projection(layer, unit.projection)
+            stat_key = self._key(run, layer, unit.projection) if self.statistic is not None else None
+            stat = run.stat(stat_key) if stat_key is not None else None
+            # The same weight and statistic give the same spectrum at every rank: a bench computes
+            # it once for all ratios and for every recipe using this transform with these arguments.
+            spectrum = run.dense_result(f"spectrum|{self.name}|{to_dict(self.args)}|{unit.name}|{stat_key}",
+                                        partial(self.spectrum, dense.weight.detach(), stat),
+                                        reads_statistics=stat is not None)
+            a, b = spectrum.factors(rank)
+            bias = dense.bias.detach() if dense.bias is not None else None
+            module = LowRankLinear.from_factors(a.to(dense.weight.dtype), b.to(dense.weight.dtype), bias)
+            run.adapter.replace(layer, unit.projection, module.to(dense.weight.device))

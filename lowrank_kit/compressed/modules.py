@@ -1,0 +1,85 @@
+"""Compressed replacements for dense modules, and how to rebuild them from a saved description.
+
+Each module describes itself with ``spec()`` (a plain dict saved in the config's ``lowrank``
+section); ``persistence.saving`` builds an empty module of the same shape from it for loading weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class SliceableRank:
+    """A module whose components are ordered by importance, so its first ``active_rank`` can be used alone.
+
+    Progressive decoding sets ``active_rank`` (None: all of ``full_rank``); multiply-adds are
+    counted per token at a given rank.
+    """
+
+    active_rank: int | None = None
+
+    @property
+    def full_rank(self) -> int:
+        raise NotImplementedError
+
+    def used_rank(self) -> int:
+        return self.full_rank if self.active_rank is None else min(self.active_rank, self.full_rank)
+
+    def macs_per_token(self, rank: int) -> int:
+        raise NotImplementedError
+
+
+class LowRankLinear(SliceableRank, nn.Module):
+    """y = a (b x) + bias, a: out×r, b: r×in (ALGORITHMS.md's A and B: W ≈ A B).
+
+    Rank components are ordered by importance (singular value), so ``active_rank`` can slice
+    the first ρ of them at generation time without touching the stored factors.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False,
+                 dtype: torch.dtype | None = None, device: torch.device | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.a = nn.Parameter(torch.empty(out_features, rank, dtype=dtype, device=device))
+        self.b = nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_factors(cls, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> LowRankLinear:
+        module = cls(b.shape[1], a.shape[0], a.shape[1], bias is not None, dtype=a.dtype, device=a.device)
+        with torch.no_grad():
+            module.a.copy_(a)
+            module.b.copy_(b)
+            if bias is not None:
+                module.bias.copy_(bias)
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.used_rank()
+        return F.linear(F.linear(x, self.b[:r]), self.a[:, :r], self.bias)
+
+    @property
+    def full_rank(self) -> int:
+        return self.rank
+
+    def macs_per_token(self, rank: int) -> int:
+        return rank * (self.in_features + self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "low_rank_linear", "in_features": self.in_features,
+                "out_features": self.out_features, "rank": self.rank, "bias": self.bias is not None}
+
+
+class ResizedLinear(nn.Linear):
+    """A dense linear layer of a different shape than the config says (e.g. a Nyström-pruned MLP)."""
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "linear", "in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias is not None}

@@ -1,0 +1,148 @@
+"""Compressible units, the rank plan, and the compression ratio computed from real shapes.
+
+A transform describes what it can compress as units: a group of modules whose kept size is a
+linear function of one rank (an SVD rank, a head-wise PCA value dim, a Nyström channel count).
+Allocators only see units, so any allocator drives any transform.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One compressible group of modules, as reported by a transform.
+
+    ``rank_cost`` parameters are kept per unit of rank; keeping ``max_rank`` (or anything whose
+    cost reaches ``dense_params``) means the modules stay dense and untouched.
+    """
+
+    name: str  # e.g. "layers.3.q_proj" (``extension.keys`` builds these)
+    layer: int
+    projections: tuple[str, ...]  # the projections of the layer it holds, e.g. ("v_proj", "o_proj")
+    transform: str
+    dense_params: int
+    rank_cost: int
+    max_rank: int
+
+    @property
+    def kind(self) -> str:
+        """The projections it holds, for reports: "q_proj", "v_proj+o_proj"."""
+        return "+".join(self.projections)
+
+    @property
+    def projection(self) -> str:
+        """The one projection of a single-projection unit."""
+        if len(self.projections) != 1:
+            raise ValueError(f"unit {self.name} holds {len(self.projections)} projections, not one")
+        return self.projections[0]
+
+    def is_dense(self, rank: int) -> bool:
+        return rank >= self.max_rank or rank * self.rank_cost >= self.dense_params
+
+    def params(self, rank: int) -> int:
+        """Parameters kept at ``rank`` (dense size when the rank saves nothing)."""
+        return self.dense_params if self.is_dense(rank) else rank * self.rank_cost
+
+    def rank_for_fraction(self, fraction: float) -> int:
+        """Largest rank keeping at most ``fraction`` of the dense parameters; 1 or more → dense.
+
+        For an m×n SVD unit this is floor(f·m·n/(m+n)), ALGORITHMS.md §2's uniform rank.
+        """
+        if fraction >= 1.0:
+            return self.max_rank
+        rank = math.floor(max(fraction, 0.0) * self.dense_params / self.rank_cost + 1e-9)
+        return min(rank, self.max_rank)
+
+
+@dataclass
+class RankPlan:
+    """The kept rank of every unit: a plain, serialisable object saved with the model."""
+
+    ranks: dict[str, int]
+    allocator: str
+    layer_fractions: list[float] = field(default_factory=list)  # per-layer keep-fraction, if any
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def rank(self, unit: Unit) -> int:
+        return self.ranks.get(unit.name, unit.max_rank)
+
+    def kept_params(self, units: list[Unit]) -> int:
+        return sum(u.params(self.rank(u)) for u in units)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def achieved_ratio(plan: RankPlan, units: list[Unit], total_dense: int) -> float:
+    """Fraction of all decoder-layer linear weights removed (embeddings, lm_head, norms excluded)."""
+    removed = sum(u.dense_params - u.params(plan.rank(u)) for u in units)
+    return removed / total_dense
+
+
+def uniform_fraction(units: list[Unit], total_dense: int, ratio: float) -> float:
+    """The one keep-fraction w of the units' parameters that removes ``ratio`` of all weights.
+
+    ALGORITHMS.md §1c: w = (ρ·D_total − D_untouched) / D_units with ρ = 1 − c, where
+    D_untouched are the decoder weights no transform targets (e.g. Q/K under FLAT-LLM).
+    With every projection targeted this is simply w = 1 − c.
+    """
+    units_dense = sum(u.dense_params for u in units)
+    untouched = total_dense - units_dense
+    if units_dense == 0:
+        raise ValueError("no compressible units: the recipe's transforms target nothing")
+    w = ((1.0 - ratio) * total_dense - untouched) / units_dense
+    if w <= 0.0:
+        raise ValueError(
+            f"target ratio {ratio} is out of reach: the targeted modules hold only "
+            f"{units_dense / total_dense:.1%} of the decoder weights"
+        )
+    return w
+
+
+def plan_from_fractions(units: list[Unit], fraction_of: Any) -> dict[str, int]:
+    """Ranks from a keep-fraction per unit (``fraction_of(unit) -> float``)."""
+    return {u.name: u.rank_for_fraction(fraction_of(u)) for u in units}
+
+
+def capped_shares(weights: list[float], caps: list[float], total: float) -> list[float]:
+    """Split ``total`` in proportion to ``weights``, no share above its cap, the excess redistributed.
+
+    Shares that would exceed their cap are set to it and leave the pool with their part of the
+    total, until none exceeds; with no weight left, the rest is split evenly.
+    """
+    shares = [0.0] * len(weights)
+    active = list(range(len(weights)))
+    remaining = total
+    while active:
+        weight = sum(weights[i] for i in active)
+        proposal = {i: (weights[i] / weight if weight > 0 else 1 / len(active)) * remaining for i in active}
+        capped = [i for i in active if proposal[i] > caps[i]]
+        if not capped:
+            for i in active:
+                shares[i] = proposal[i]
+            break
+        for i in capped:
+            shares[i] = caps[i]
+            remaining -= caps[i]
+            active.remove(i)
+    return shares
+
+
+def largest_meeting_target(plan_for: Any, high: float, ratio_of: Any, target: float, steps: int = 50) -> Any:
+    """Bisect a budget in [0, high] for the largest whose (rounded) plan removes at least ``target``.
+
+    Rounding ranks down makes the achieved ratio drift from the one a budget was computed for;
+    allocators correct it this way so the ratio counted from the real shapes meets the target.
+    """
+    low = 0.0
+    for _ in range(steps):
+        middle = (low + high) / 2
+        if ratio_of(plan_for(middle)) >= target:
+            low = middle
+        else:
+            high = middle
+    return plan_for(low)

@@ -1,0 +1,1 @@
+"""Bundled texts (Jane Austen) and the functions that turn texts into calibration and evaluation windows."""

@@ -1,0 +1,182 @@
+"""Calibration and evaluation text through ``datasets``, cut into token windows.
+
+Built-in names point to the Austen novels bundled with the package (see data/PROVENANCE.md);
+local .txt/.json/.jsonl files and hub names (for users who are online) work the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowrank_kit.recipe.schema import RecipeError, closest
+
+DATA_DIR = Path(__file__).parent  # the bundled texts lie beside this module
+BUILTIN = {
+    "austen-emma": DATA_DIR / "austen_emma.txt",
+    "austen-persuasion": DATA_DIR / "austen_persuasion.txt",
+}
+# Hub datasets: (path, config, split for calibration, split for evaluation, text field).
+HUB = {
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "train", "test", "text"),
+    "c4": ("allenai/c4", "en", "train", "validation", "text"),
+}
+LOCAL_SUFFIXES = {".txt": "text", ".json": "json", ".jsonl": "json"}
+
+
+def check_name(name: str, path: str) -> None:
+    """Fail early (at validation) for a dataset that is neither built in, local, nor on the hub."""
+    if name in BUILTIN or name in HUB:
+        return
+    suffix = Path(name).suffix.lower()
+    if suffix in LOCAL_SUFFIXES:
+        if not Path(name).is_file():
+            raise RecipeError(path, f"no file at '{name}'")
+        return
+    raise RecipeError(
+        path, f"unknown dataset '{name}': use a .txt/.json/.jsonl file or one of; "
+        f"{closest(name, [*BUILTIN, *HUB])}"
+    )
+
+
+def is_json(name: str) -> bool:
+    return Path(name).suffix.lower() in (".json", ".jsonl")
+
+
+def json_column(name: str, field: str, key: str, optional: bool = False) -> list[str]:
+    """One field of every row of a local JSON/JSONL file (empty if ``optional`` and missing);
+    ``key`` names the recipe field in errors."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    rows = datasets.load_dataset("json", data_files=name, split="train")
+    if field not in rows.column_names:
+        if optional:
+            return []
+        raise RecipeError(key, f"'{name}' has no field '{field}'; fields: {rows.column_names}")
+    return [str(value) for value in rows[field]]
+
+
+@functools.lru_cache(maxsize=8)
+def load_text(name: str, purpose: str = "calibration", text_field: str = "text") -> str:
+    """The whole text of a dataset as one string (documents joined by blank lines)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    if name in BUILTIN or Path(name).suffix.lower() == ".txt":
+        path = BUILTIN.get(name, Path(name))
+        ds = datasets.load_dataset("text", data_files=str(path), sample_by="document", split="train")
+        return "\n\n".join(ds["text"])
+    if is_json(name):
+        return "\n\n".join(json_column(name, text_field, "text_field"))
+    if name in HUB:
+        hub_path, config, calib_split, eval_split, field = HUB[name]
+        split = calib_split if purpose == "calibration" else eval_split
+        ds = datasets.load_dataset(hub_path, config, split=split, streaming=name == "c4")
+        if name == "c4":  # a few thousand documents are plenty for calibration or evaluation
+            ds = ds.take(5000)
+        return "\n\n".join(row[field] for row in ds)
+    check_name(name, "dataset")
+    raise AssertionError("unreachable")
+
+
+def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _bos(tokenizer: Any, needs_bos: bool) -> list[int]:
+    if not needs_bos:
+        return []
+    if tokenizer.bos_token_id is None:
+        raise ValueError("this model needs a BOS token at the start of each window, but its tokenizer has none")
+    return [tokenizer.bos_token_id]
+
+
+def calibration_windows(ids: torch.Tensor, tokenizer: Any, samples: int, seq_len: int, seed: int,
+                        needs_bos: bool = False) -> torch.Tensor:
+    """``samples`` windows of ``seq_len`` tokens at seeded random offsets, [samples, seq_len]."""
+    bos = _bos(tokenizer, needs_bos)
+    length = seq_len - len(bos)
+    if ids.numel() <= length:
+        raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - length, (samples,), generator=generator)
+    rows = [torch.cat([torch.tensor(bos, dtype=torch.long), ids[s : s + length]]) for s in starts.tolist()]
+    return torch.stack(rows)
+
+
+def evaluation_windows(ids: torch.Tensor, tokenizer: Any, seq_len: int, max_tokens: int,
+                       needs_bos: bool = False) -> torch.Tensor:
+    """Consecutive non-overlapping windows over the first ``max_tokens`` tokens, [n, seq_len]."""
+    bos = _bos(tokenizer, needs_bos)
+    length = seq_len - len(bos)
+    count = min(max_tokens, ids.numel()) // length
+    if count == 0:
+        raise ValueError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    body = ids[: count * length].view(count, length)
+    return torch.cat([torch.tensor(bos, dtype=torch.long).expand(count, len(bos)), body], dim=1)
+
+
+def generation_prompts(tokenizer: Any, spec: Any, needs_bos: bool = False) -> tuple[list[list[int]], list[str]]:
+    """Token prompts for a generation evaluation, and reference continuations (empty if none).
+
+    From a text: ``spec.prompts`` passages of ``spec.prompt_len`` tokens evenly spaced over the
+    second half of it (the first part is where perplexity is measured), each with the text's own
+    next ``spec.new_tokens`` tokens as its reference. From a JSONL file: its prompt/reference rows.
+    """
+    bos = _bos(tokenizer, needs_bos)
+    if is_json(spec.dataset):
+        texts = json_column(spec.dataset, spec.prompt_field, "prompt_field")[: spec.prompts]
+        references = json_column(spec.dataset, spec.reference_field, "reference_field", optional=True)
+        return [bos + tokenize(tokenizer, text).tolist() for text in texts], references[: spec.prompts]
+    ids = tokenize(tokenizer, load_text(spec.dataset, "evaluation", spec.text_field))
+    length = spec.prompt_len - len(bos)
+    first, last = ids.numel() // 2, ids.numel() - length - spec.new_tokens
+    if last < first:
+        raise ValueError(f"'{spec.dataset}' is too short for prompts of {spec.prompt_len} tokens")
+    starts = torch.linspace(first, last, spec.prompts).long().tolist()
+    prompts = [bos + ids[s : s + length].tolist() for s in starts]
+    references = [tokenizer.decode(ids[s + length : s + length + spec.new_tokens].tolist()) for s in starts]
+    return prompts, references
+
+
+def _last_word(paragraph: str) -> tuple[str, str] | None:
+    """(context, final word) of a paragraph, or None when it does not end in a plain word."""
+    text = " ".join(paragraph.split())
+    head, _, tail = text.rpartition(" ")
+    word = tail.strip(".,;:!?\"'()[]-_—“”‘’")
+    if not head or not word.isalpha() or not tail.startswith(word[:1]):
+        return None
+    return head, word
+
+
+def lastword_examples(tokenizer: Any, spec: Any, needs_bos: bool = False) -> list[tuple[list[int], list[int]]]:
+    """(context tokens, final-word tokens) of held-out paragraphs, LAMBADA-style.
+
+    From a text: ``spec.prompts`` paragraphs of at least 20 words, evenly spaced over the second
+    half (the first part is where perplexity is measured). From a JSON/JSONL file: the first
+    ``spec.prompts`` rows' ``text_field``. The context is cut to its last ``spec.seq_len`` tokens.
+    """
+    if is_json(spec.dataset):
+        paragraphs = json_column(spec.dataset, spec.text_field, "text_field")
+    else:
+        text = load_text(spec.dataset, "evaluation", spec.text_field)
+        paragraphs = [p for p in text[len(text) // 2 :].split("\n\n")[1:] if len(p.split()) >= 20]
+    pairs = [pair for pair in map(_last_word, paragraphs) if pair is not None]
+    if not pairs:
+        raise ValueError(f"'{spec.dataset}' has no paragraph ending in a word")
+    if len(pairs) > spec.prompts:
+        pairs = [pairs[i] for i in torch.linspace(0, len(pairs) - 1, spec.prompts).long().tolist()]
+    bos = _bos(tokenizer, needs_bos)
+    examples = []
+    for context, word in pairs:
+        target = tokenize(tokenizer, " " + word).tolist()
+        keep = spec.seq_len - len(bos) - len(target)
+        examples.append((bos + tokenize(tokenizer, context).tolist()[-keep:], target))
+    return examples

@@ -1,0 +1,1 @@
+"""Evaluation metrics, one module each, behind a small registry (metrics)."""

@@ -1,0 +1,50 @@
+"""Everything a strategy plugin needs, in one module: ``from lowrank_kit.extend import ...``.
+
+The built-in plugins import only from here, as docs/writing-a-plugin.md does; the rest of the
+package is free to move behind it.
+"""
+
+from __future__ import annotations
+
+from lowrank_kit.calibration.stats import AbsMean, AngularChange, Gram, HeadGram, SquaredGrad, Statistic, Tap
+from lowrank_kit.compressed.decoding import install as install_decoder
+from lowrank_kit.compressed.factorization import ProjectionFactorization, projection_units
+from lowrank_kit.compressed.linalg import Spectrum, psd_cholesky, scaled_spectrum, svd_spectrum, whitened_spectrum
+from lowrank_kit.compressed.modules import LowRankLinear, ResizedLinear, SliceableRank
+from lowrank_kit.compressed.plan import (
+    RankPlan,
+    Unit,
+    achieved_ratio,
+    capped_shares,
+    largest_meeting_target,
+    plan_from_fractions,
+    uniform_fraction,
+)
+from lowrank_kit.extension.hookspecs import hookimpl
+from lowrank_kit.extension.keys import (
+    ATTENTION_PROJECTIONS,
+    MLP_PROJECTIONS,
+    PROJECTIONS,
+    ScoreLevel,
+    group_name,
+    layer_name,
+    layer_score,
+    projection_name,
+    projection_score,
+    statistic_key,
+)
+from lowrank_kit.extension.strategy import NoArgs, Strategy, StrategyRegistry
+from lowrank_kit.models.adapters import Geometry, ModelAdapter
+from lowrank_kit.models.attention import ValueDimAttention, shrink_values
+from lowrank_kit.pipeline.state import RunState
+from lowrank_kit.recipe.schema import RecipeError
+
+__all__ = [
+    "ATTENTION_PROJECTIONS", "MLP_PROJECTIONS", "PROJECTIONS", "AbsMean", "AngularChange", "Geometry", "Gram",
+    "HeadGram", "LowRankLinear", "ModelAdapter", "NoArgs", "ProjectionFactorization", "RankPlan", "RecipeError",
+    "ResizedLinear", "RunState", "ScoreLevel", "SliceableRank", "Spectrum", "SquaredGrad", "Statistic", "Strategy",
+    "StrategyRegistry", "Tap", "Unit", "ValueDimAttention", "achieved_ratio", "capped_shares", "group_name",
+    "hookimpl", "install_decoder", "largest_meeting_target", "layer_name", "layer_score", "plan_from_fractions",
+    "projection_name", "projection_score", "projection_units", "psd_cholesky", "scaled_spectrum", "shrink_values",
+    "statistic_key", "svd_spectrum", "uniform_fraction", "whitened_spectrum",
+]

@@ -1,0 +1,1 @@
+"""The extension machinery: hook specifications, the Strategy base and registry, plugin discovery and run managers."""

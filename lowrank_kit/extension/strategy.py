@@ -1,0 +1,95 @@
+"""Strategies: named, configurable plugin classes, and the registry of them by hook point.
+
+A strategy class names its hook point, has a dataclass of typed arguments with defaults, and
+implements the hooks it needs with ``@hookimpl``. Discovery (entry points) and the per-run
+plugin manager live in ``extension.manager``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import Any, ClassVar, Literal
+
+from lowrank_kit.extension.keys import ScoreLevel
+from lowrank_kit.recipe.schema import RecipeError, closest
+
+HookPoint = Literal["collect", "score", "allocate", "transform", "decode"]
+HOOK_POINTS: tuple[str, ...] = ("collect", "score", "allocate", "transform", "decode")
+
+
+@dataclasses.dataclass
+class NoArgs:
+    """For strategies without arguments."""
+
+
+class Strategy:
+    """Base class of every strategy. Subclasses set the class attributes and implement hooks."""
+
+    name: ClassVar[str]
+    point: ClassVar[str]
+    description: ClassVar[str]
+    Args: ClassVar[type] = NoArgs
+    # Transforms only: the projections they may rewrite (recipe key ``targets``), and whether
+    # the chosen targets must be all of them (e.g. head-wise PCA rewrites v and o together).
+    allowed_targets: ClassVar[tuple[str, ...]] = ()
+    targets_all_or_none: ClassVar[bool] = False
+    # Scorers: the level of the importances they produce; allocators: the level they consume
+    # (None: none). The recipe validator rejects an allocator whose level no scorer produces.
+    produces: ClassVar[ScoreLevel | None] = None
+    consumes: ClassVar[ScoreLevel | None] = None
+    # Allocators that need importances of any level (plugins written before ``consumes``).
+    needs_scores: ClassVar[bool] = False
+
+    def __init__(self, args: Any = None, targets: Iterable[str] = ()):
+        self.args = args if args is not None else self.Args()
+        self.targets: tuple[str, ...] = tuple(targets)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.args})"
+
+    @classmethod
+    def check_targets(cls, targets: list[str], path: str) -> None:
+        """Reject targets this transform cannot rewrite; called by the recipe validator."""
+        for i, target in enumerate(targets):
+            if target not in cls.allowed_targets:
+                raise RecipeError(
+                    f"{path}[{i}]",
+                    f"'{cls.name}' cannot target '{target}'; {closest(target, cls.allowed_targets)}",
+                )
+        if len(set(targets)) != len(targets):
+            raise RecipeError(path, "a target is listed twice")
+        if cls.targets_all_or_none and set(targets) != set(cls.allowed_targets):
+            raise RecipeError(path, f"'{cls.name}' rewrites {list(cls.allowed_targets)} together")
+
+
+class StrategyRegistry:
+    """Strategy classes by hook point and name, with where each came from."""
+
+    def __init__(self) -> None:
+        self._classes: dict[str, dict[str, type[Strategy]]] = {p: {} for p in HOOK_POINTS}
+        self.sources: dict[tuple[str, str], str] = {}
+
+    def add(self, cls: type[Strategy], source: str | None = None) -> None:
+        if cls.point not in self._classes:
+            raise ValueError(f"{cls.__name__}.point must be one of {HOOK_POINTS}, not {cls.point!r}")
+        if not dataclasses.is_dataclass(cls.Args):
+            raise ValueError(f"{cls.__name__}.Args must be a dataclass")
+        self._classes[cls.point][cls.name] = cls
+        self.sources[(cls.point, cls.name)] = source or cls.__module__
+
+    def remove(self, cls: type[Strategy]) -> None:
+        self._classes[cls.point].pop(cls.name, None)
+        self.sources.pop((cls.point, cls.name), None)
+
+    def names(self, point: str) -> list[str]:
+        return sorted(self._classes[point])
+
+    def get(self, point: str, name: str, path: str = "") -> type[Strategy]:
+        found = self._classes[point].get(name)
+        if found is None:
+            raise RecipeError(path, f"unknown {point} strategy '{name}'; {closest(name, self._classes[point])}")
+        return found
+
+    def all(self) -> list[type[Strategy]]:
+        return [cls for point in HOOK_POINTS for _, cls in sorted(self._classes[point].items())]

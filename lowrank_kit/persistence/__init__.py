@@ -1,0 +1,1 @@
+"""Saving compressed models and loading them back."""

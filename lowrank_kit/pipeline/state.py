@@ -1,0 +1,75 @@
+"""The run state: what strategies share. The engine owns it; strategies read and write it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+
+from lowrank_kit.calibration.stats import Statistic
+from lowrank_kit.compressed.plan import RankPlan, Unit
+from lowrank_kit.models.adapters import Geometry, ModelAdapter
+from lowrank_kit.pipeline.cache import DenseStore
+from lowrank_kit.recipe.spec import Recipe
+
+T = TypeVar("T")
+
+
+@dataclass
+class RunState:
+    """Statistics, scores and the rank plan of one run, plus the model being compressed.
+
+    Strategies never call each other: a transform reads the plan an allocator wrote, an
+    allocator reads the scores a scorer returned, through this object.
+    """
+
+    recipe: Recipe
+    model: Any
+    tokenizer: Any
+    adapter: ModelAdapter
+    fabric: Any
+    calibration: torch.Tensor  # this process's calibration windows, [n, seq_len]
+    stats: dict[str, Statistic] = field(default_factory=dict)
+    scores: dict[str, float] = field(default_factory=dict)
+    units: list[Unit] = field(default_factory=list)
+    plan: RankPlan | None = None
+    notes: dict[str, Any] = field(default_factory=dict)  # per-strategy facts for the report
+    store: DenseStore | None = None  # results shared with other runs of this process (a bench)
+    store_base: str = ""  # the dense model and calibration data those results belong to
+
+    @property
+    def geometry(self) -> Geometry:
+        return self.adapter.geometry
+
+    @property
+    def target_ratio(self) -> float:
+        return self.recipe.target.ratio
+
+    def stat(self, key: str) -> Statistic:
+        if key not in self.stats:
+            raise KeyError(f"statistic '{key}' was not collected; did a strategy attach it in "
+                           "lowrank_collect_dense or lowrank_collect_layer?")
+        return self.stats[key]
+
+    def dense_result(self, key: str, compute: Callable[[], T], reads_statistics: bool) -> T:
+        """``compute()``, or its result from an earlier run of this process on the same dense
+        model and data. Only results of dense inputs are shared: the weights being transformed
+        are always dense, statistics only when ``calibration.sequential`` is false.
+        """
+        if self.store is None or (reads_statistics and self.recipe.calibration.sequential):
+            return compute()
+        value = self.store.get(self.store_base, key)
+        if value is None:
+            value = compute()
+            self.store.put(self.store_base, key, value)
+        return value
+
+    def units_of(self, transform: str, layer: int) -> list[Unit]:
+        return [u for u in self.units if u.transform == transform and u.layer == layer]
+
+    def require_plan(self) -> RankPlan:
+        if self.plan is None:
+            raise RuntimeError("no rank plan: transforms run after the allocator")
+        return self.plan

@@ -1,0 +1,231 @@
+"""Recipes: YAML → validated objects (``recipe.spec``), before any model is loaded.
+
+Every error names its place (file, line and key path) and, for an unknown key or strategy,
+the closest valid name. ``--set key.path=value`` overrides are applied to the raw data first,
+so they are validated like the file itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lowrank_kit.data.texts import check_name
+from lowrank_kit.extension.manager import registry
+from lowrank_kit.recipe.schema import RecipeError, closest, from_dict, join
+from lowrank_kit.recipe.spec import SECTIONS, TOP_KEYS, EvalSpec, Recipe, StrategyChoice
+
+
+def _strategy(point: str, raw: Any, path: str) -> StrategyChoice:
+    if isinstance(raw, str):
+        raw = {"plugin": raw}
+    if not isinstance(raw, dict) or "plugin" not in raw:
+        raise RecipeError(path, f"expected a strategy name or a mapping with 'plugin', got {raw!r}")
+    raw = dict(raw)
+    name = raw.pop("plugin")
+    cls = registry().get(point, str(name), join(path, "plugin"))
+    targets: list[str] = []
+    if point == "transform":
+        targets = raw.pop("targets", list(cls.allowed_targets))
+        if not isinstance(targets, list):
+            raise RecipeError(join(path, "targets"), f"expected a list of projections, got {targets!r}")
+        cls.check_targets(targets, join(path, "targets"))
+    return StrategyChoice(point, cls.name, from_dict(cls.Args, raw, path), targets, cls)
+
+
+def _strategy_list(point: str, raw: Any, path: str) -> list[StrategyChoice]:
+    if raw is None:
+        return []
+    items = raw if isinstance(raw, list) else [raw]
+    return [_strategy(point, item, join(path, i) if isinstance(raw, list) else path) for i, item in enumerate(items)]
+
+
+def from_data(data: Any, source: str | None = None) -> Recipe:
+    """Validate plain data (a parsed YAML file, with overrides applied) into a Recipe."""
+    if not isinstance(data, dict):
+        raise RecipeError("", "a recipe is a mapping of keys such as model, calibration, target, transform")
+    for key in data:
+        if key not in TOP_KEYS:
+            raise RecipeError(str(key), f"unknown key '{key}'; {closest(str(key), TOP_KEYS)}")
+    for key in ("name", "model", "target", "transform"):
+        if data.get(key) is None:
+            raise RecipeError(key, f"missing required key '{key}'")
+    if not isinstance(data["name"], str):
+        raise RecipeError("name", f"expected a string, got {data['name']!r}")
+    sections = {key: from_dict(cls, data.get(key), key) for key, cls in SECTIONS.items()}
+    evaluate = data.get("evaluate") or []
+    if not isinstance(evaluate, list):
+        raise RecipeError("evaluate", "expected a list of evaluations")
+    transform = _strategy_list("transform", data["transform"], "transform")
+    _check_overlap(transform)
+    recipe = Recipe(
+        name=data["name"],
+        transform=transform,
+        allocate=_strategy("allocate", data.get("allocate") or "uniform", "allocate"),
+        collect=_strategy_list("collect", data.get("collect"), "collect"),
+        score=_strategy_list("score", data.get("score"), "score"),
+        decode=_strategy("decode", data["decode"], "decode") if data.get("decode") else None,
+        evaluate=[from_dict(EvalSpec, e, join("evaluate", i)) for i, e in enumerate(evaluate)],
+        source=source,
+        **sections,
+    )
+    check_name(recipe.calibration.dataset, "calibration.dataset")
+    for i, spec in enumerate(recipe.evaluate):
+        check_name(spec.dataset, f"evaluate[{i}].dataset")
+    _check_scores(recipe)
+    return recipe
+
+
+def _check_scores(recipe: Recipe) -> None:
+    """The allocator's importances must come from a score strategy of the recipe, at its level."""
+    allocator = recipe.allocate.cls
+    level = allocator.consumes
+    if level is None:
+        if allocator.needs_scores and not recipe.score:
+            raise RecipeError("allocate", f"'{allocator.name}' allocates from importances: add a 'score' strategy")
+        return
+    if any(choice.cls.produces == level for choice in recipe.score):
+        return
+    producers = sorted(cls.name for cls in registry().all() if cls.point == "score" and cls.produces == level)
+    given = ", ".join(f"'{c.plugin}' (per-{c.cls.produces or 'unknown'} importances)" for c in recipe.score)
+    raise RecipeError("allocate", f"'{allocator.name}' allocates from per-{level} importances, which "
+                                  f"{'score ' + given + ' does not give' if given else 'no score strategy gives'}; "
+                                  f"use score: {' or '.join(producers) or 'a strategy producing them'}")
+
+
+def _check_overlap(transforms: list[StrategyChoice]) -> None:
+    owner: dict[str, int] = {}
+    for i, choice in enumerate(transforms):
+        for target in choice.targets:
+            if target in owner:
+                first = transforms[owner[target]]
+                raise RecipeError(
+                    f"transform[{i}].targets",
+                    f"'{target}' is already taken by transform[{owner[target]}] ({first.plugin}); "
+                    "two transforms never rewrite the same module: remove it from one of them",
+                )
+            owner[target] = i
+
+
+def parse_override(text: str) -> tuple[list[str | int], Any]:
+    """``a.b[0].c=value`` → (['a', 'b', 0, 'c'], parsed YAML value)."""
+    if "=" not in text:
+        raise RecipeError("--set", f"expected key.path=value, got '{text}'")
+    key, value = text.split("=", 1)
+    parts: list[str | int] = []
+    for token in re.findall(r"[^.\[\]]+", key):
+        parts.append(int(token) if token.isdigit() else token)
+    if not parts:
+        raise RecipeError("--set", f"empty key in '{text}'")
+    return parts, yaml.safe_load(value) if value else None
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | list[str]) -> dict[str, Any]:
+    """Return a copy of the raw recipe with dotted-path overrides set."""
+    data = copy.deepcopy(data)
+    items = [parse_override(o) for o in overrides] if isinstance(overrides, list) else [
+        (parse_override(f"{k}=")[0], v) for k, v in overrides.items()
+    ]
+    for parts, value in items:
+        node: Any = data
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(part, int):
+                if not isinstance(node, list) or part >= len(node):
+                    raise RecipeError(_path(parts[: i + 1]), "no such list item to override")
+                node = node[part]
+            else:
+                if not isinstance(node, dict):
+                    raise RecipeError(_path(parts[: i + 1]), "cannot set a key inside a non-mapping")
+                if node.get(part) is None:
+                    node[part] = {}
+                elif isinstance(node[part], str):  # "allocate: uniform", then --set allocate.x=1
+                    node[part] = {"plugin": node[part]}
+                node = node[part]
+        last = parts[-1]
+        if isinstance(last, int):
+            if not isinstance(node, list) or last >= len(node):
+                raise RecipeError(_path(parts), "no such list item to override")
+        elif not isinstance(node, dict):
+            raise RecipeError(_path(parts), "cannot set a key inside a non-mapping")
+        node[last] = value
+    return data
+
+
+def _path(parts: list[str | int]) -> str:
+    out = ""
+    for part in parts:
+        out = join(out, part)
+    return out
+
+
+def _line_map(text: str) -> dict[str, int]:
+    """Key path → 1-based line, from the YAML node tree (safe_load keeps no positions)."""
+    lines: dict[str, int] = {}
+
+    def walk(node: yaml.Node, path: str) -> None:
+        lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                sub = join(path, str(key.value))
+                lines[sub] = key.start_mark.line + 1
+                walk(value, sub)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, join(path, i))
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return {}
+    if root is not None:
+        walk(root, "")
+    return lines
+
+
+def _locate(err: RecipeError, lines: dict[str, int]) -> None:
+    path = err.path
+    while path and path not in lines:
+        path = re.sub(r"(\.[^.\[\]]+|\[\d+\])$", "", path)
+    err.line = lines.get(path)
+
+
+def load(path: str | Path, overrides: dict[str, Any] | list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file; every problem is a located RecipeError."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError("", f"no recipe file at '{path}'", source=str(path))
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        raise RecipeError(
+            "", f"not valid YAML: {getattr(err, 'problem', err)}", mark.line + 1 if mark else None, str(path)
+        ) from None
+    return from_raw(data, overrides, source=str(path), lines=_line_map(text))
+
+
+def from_raw(
+    data: Any,
+    overrides: dict[str, Any] | list[str] | None = None,
+    source: str | None = None,
+    lines: dict[str, int] | None = None,
+) -> Recipe:
+    try:
+        if overrides:
+            if not isinstance(data, dict):
+                raise RecipeError("", "a recipe is a mapping")
+            data = apply_overrides(data, overrides)
+        return from_data(data, source)
+    except RecipeError as err:
+        err.source = err.source or source
+        if err.line is None and lines:
+            _locate(err, lines)
+        raise
+
+
+__all__ = ["Recipe", "RecipeError", "StrategyChoice", "from_raw", "load"]

@@ -1,0 +1,183 @@
+"""What a recipe says, as typed objects: every section with its defaults and help text.
+
+``recipe.loading`` turns YAML into these; nothing here knows the strategy registry, so the run
+state and the hook specifications can name a Recipe without importing the extension machinery.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from lowrank_kit.extension.strategy import Strategy
+from lowrank_kit.recipe.schema import RecipeError, join, to_dict
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class ModelSpec:
+    path: str = _help("built-in alias (smollm2-135m, gemma3-270m), local folder, or hub id")
+    gguf_file: str | None = _help("GGUF file inside the `path` folder (aliases know theirs)", default=None)
+    dtype: Literal["float32", "bfloat16", "float16"] = _help("weights dtype while compressing", default="float32")
+
+
+@dataclass
+class DataSpec:
+    dataset: str = _help("austen-emma, austen-persuasion, a .txt/.json/.jsonl file, or wikitext2/c4",
+                         default="austen-emma")
+    samples: int = _help("number of calibration windows", default=32)
+    seq_len: int = _help("tokens per window", default=512)
+    seed: int = _help("seed of the window sampling", default=0)
+    batch_size: int = _help("windows per forward pass", default=4)
+    text_field: str = _help("field holding the text in JSON/JSONL files", default="text")
+    sequential: bool = _help(
+        "true: a layer's statistics are taken on inputs from the already compressed earlier layers "
+        "(FLAT-LLM's order); false: on the dense model's activations (SVD-LLM's and ASVD's whitening), "
+        "one forward per layer, and a bench gathers them once for all ratios and recipes", default=True)
+
+    def check(self, path: str) -> None:
+        for key in ("samples", "seq_len", "batch_size"):
+            if getattr(self, key) < 1:
+                raise RecipeError(join(path, key), f"must be at least 1, got {getattr(self, key)}")
+
+
+@dataclass
+class TargetSpec:
+    ratio: float = _help("fraction of decoder-layer linear weights to remove, in (0, 1)")
+
+    def check(self, path: str) -> None:
+        if not 0.0 < self.ratio < 1.0:
+            raise RecipeError(
+                join(path, "ratio"), f"must lie strictly between 0 and 1 (e.g. 0.2), got {self.ratio}"
+            )
+
+
+@dataclass
+class EvalSpec:
+    metric: Literal["perplexity", "generation", "lastword"] = _help(
+        "perplexity; generation: greedy continuations scored by ROUGE-L against the dense model's; "
+        "lastword: accuracy of predicting held-out paragraphs' final word", default="perplexity")
+    dataset: str = _help("evaluation text (see calibration.dataset); for generation also a .jsonl of "
+                         "prompt/reference rows", default="austen-persuasion")
+    seq_len: int = _help("perplexity: window length, windows do not overlap; lastword: longest context",
+                         default=512)
+    max_tokens: int = _help("perplexity: evaluate on the first this many tokens", default=8192)
+    text_field: str = _help("field holding the text in JSON/JSONL files", default="text")
+    prompts: int = _help("generation: number of prompts (passages from the second half of a text); "
+                         "lastword: number of paragraphs", default=32)
+    prompt_len: int = _help("generation: prompt length in tokens for passages of a text", default=128)
+    new_tokens: int = _help("generation: tokens generated greedily per prompt", default=64)
+    batch_size: int = _help("generation and lastword: prompts per forward/generate call", default=8)
+    prompt_field: str = _help("generation from JSONL: field holding the prompt", default="prompt")
+    reference_field: str = _help("generation from JSONL: field holding the reference (optional)",
+                                 default="reference")
+
+    def check(self, path: str) -> None:
+        if self.seq_len < 2 or self.max_tokens < self.seq_len:
+            raise RecipeError(path, "needs seq_len >= 2 and max_tokens >= seq_len")
+        for key in ("prompts", "prompt_len", "new_tokens", "batch_size"):
+            if getattr(self, key) < 1:
+                raise RecipeError(join(path, key), f"must be at least 1, got {getattr(self, key)}")
+
+
+@dataclass
+class RuntimeSpec:
+    accelerator: str = _help("Lightning Fabric accelerator: auto, cpu, cuda, mps", default="auto")
+    devices: int = _help("devices for data-parallel calibration", default=1)
+    precision: str = _help("Fabric precision of calibration forwards (statistics stay float64)", default="32-true")
+    backward_chunk: int = _help("windows per backward pass when scoring needs gradients (memory bound); "
+                                "a batch's gradient is accumulated over its chunks", default=1)
+
+    def check(self, path: str) -> None:
+        if self.backward_chunk < 1:
+            raise RecipeError(join(path, "backward_chunk"), f"must be at least 1, got {self.backward_chunk}")
+
+
+@dataclass
+class OutputSpec:
+    dir: str = _help("output folder; {name} and {ratio} are filled in", default="runs/{name}-{ratio}")
+    save_model: bool = _help("write the compressed model (safetensors) to the folder", default=True)
+    overwrite: bool = _help("replace an existing output folder", default=False)
+    cache_dir: str | None = _help("folder of cached scores and dense evaluations shared by runs; null: no cache",
+                                  default="runs/.cache")
+
+
+@dataclass
+class StrategyChoice:
+    """One selected strategy with its validated arguments (and targets, for transforms)."""
+
+    point: str
+    plugin: str
+    args: Any
+    targets: list[str] = field(default_factory=list)
+    cls: type[Strategy] = field(default=Strategy, compare=False, repr=False)  # the validated class
+
+    def build(self) -> Strategy:
+        return self.cls(self.args, self.targets)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"plugin": self.plugin}
+        if self.point == "transform":
+            out["targets"] = list(self.targets)
+        out.update(to_dict(self.args))
+        return out
+
+
+@dataclass
+class Recipe:
+    name: str
+    model: ModelSpec
+    calibration: DataSpec
+    target: TargetSpec
+    transform: list[StrategyChoice]
+    allocate: StrategyChoice
+    collect: list[StrategyChoice] = field(default_factory=list)
+    score: list[StrategyChoice] = field(default_factory=list)
+    decode: StrategyChoice | None = None
+    evaluate: list[EvalSpec] = field(default_factory=list)
+    runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
+    output: OutputSpec = field(default_factory=OutputSpec)
+    source: str | None = None
+
+    def strategies(self) -> list[StrategyChoice]:
+        return [*self.collect, *self.score, self.allocate, *self.transform, *([self.decode] if self.decode else [])]
+
+    def calibration_data(self) -> dict[str, Any]:
+        """What determines the calibration tokens (not how statistics are taken from them)."""
+        return {k: v for k, v in to_dict(self.calibration).items() if k != "sequential"}
+
+    def output_dir(self) -> Path:
+        return Path(self.output.dir.format(name=self.name, ratio=f"{self.target.ratio:g}"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe: every default filled in; loading it gives the same recipe."""
+        return {
+            "name": self.name,
+            "model": to_dict(self.model),
+            "calibration": to_dict(self.calibration),
+            "target": to_dict(self.target),
+            "collect": [c.to_dict() for c in self.collect],
+            "score": [c.to_dict() for c in self.score],
+            "allocate": self.allocate.to_dict(),
+            "transform": [c.to_dict() for c in self.transform],
+            "decode": self.decode.to_dict() if self.decode else None,
+            "evaluate": [to_dict(e) for e in self.evaluate],
+            "runtime": to_dict(self.runtime),
+            "output": to_dict(self.output),
+        }
+
+
+SECTIONS: dict[str, Any] = {
+    "model": ModelSpec,
+    "calibration": DataSpec,
+    "target": TargetSpec,
+    "runtime": RuntimeSpec,
+    "output": OutputSpec,
+}
+TOP_KEYS = ("name", *SECTIONS, "collect", "score", "allocate", "transform", "decode", "evaluate")
+
+

@@ -1,0 +1,1 @@
+"""The run report: JSON and Markdown."""
