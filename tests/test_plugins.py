@@ -76,3 +76,56 @@ def test_a_broken_plugin_warns_instead_of_crashing(tmp_path: Path) -> None:
     assert proc.returncode == 0
     assert "broken" in proc.stderr and "missing dependency xyz" in proc.stderr
     assert "svd_llm" in proc.stdout
+
+
+def test_a_misspelt_hook_is_an_error_not_a_silent_no_op() -> None:
+    from lowrank_kit.extend import Strategy, hookimpl
+    from lowrank_kit.extension.manager import run_manager, unknown_hooks
+
+    class Typo(Strategy):
+        name, point, description = "typo", "transform", "test"
+
+        @hookimpl
+        def lowrank_tranform(self, run, layer):  # misspelt: would never run
+            raise AssertionError
+
+    with pytest.raises(TypeError, match=r"lowrank_tranform.*did you mean 'lowrank_transform'"):
+        run_manager([Typo()])
+    assert unknown_hooks(Typo) == ["lowrank_tranform"]  # what registry() skips, with a warning naming it
+
+
+def test_hooks_run_in_recipe_order() -> None:
+    from lowrank_kit.extend import Strategy, hookimpl
+    from lowrank_kit.extension.manager import run_manager
+
+    calls: list[str] = []
+
+    def transform(label: str) -> Strategy:
+        class Recorder(Strategy):
+            name, point, description = label, "transform", "test"
+
+            @hookimpl
+            def lowrank_transform(self, run, layer):
+                calls.append(label)
+
+        return Recorder()
+
+    run_manager([transform("first"), transform("second"), transform("third")]).hook.lowrank_transform(
+        run=None, layer=0)
+    assert calls == ["first", "second", "third"]
+
+
+def test_an_allocator_without_its_score_level_is_a_located_recipe_error(tmp_path: Path) -> None:
+    from conftest import tiny_recipe
+
+    from lowrank_kit.recipe.loading import from_raw
+    from lowrank_kit.recipe.schema import RecipeError
+
+    with pytest.raises(RecipeError, match=r"allocate: 'fisher' allocates from per-projection importances, which "
+                                          r"score 'angular_importance' \(per-layer importances\) does not give; "
+                                          r"use score: fisher"):
+        from_raw(tiny_recipe(tmp_path, allocate="fisher", score="angular_importance"))
+    with pytest.raises(RecipeError, match="'iprs' allocates from per-layer importances, which no score strategy "
+                                          "gives; use score: angular_importance"):
+        from_raw(tiny_recipe(tmp_path, allocate="iprs"))
+    from_raw(tiny_recipe(tmp_path, allocate="fisher", score="fisher"))  # the matching pair is fine
