@@ -17,7 +17,7 @@ from lowrank_kit.api import resolve_recipe
 from lowrank_kit.calibration.stats import Gram
 from lowrank_kit.compressed.modules import LowRankLinear
 from lowrank_kit.extension.manager import registry
-from lowrank_kit.pipeline import engine as engine_module
+from lowrank_kit.pipeline import passes as passes_module
 from lowrank_kit.pipeline.cache import DenseStore
 from lowrank_kit.pipeline.engine import Engine
 from lowrank_kit.recipe.schema import RecipeError
@@ -143,8 +143,8 @@ def test_dense_store_shares_dense_statistics_across_ratios(tmp_path: Path, monke
     second = resolve_recipe(tiny_recipe(tmp_path / "b", "svd_llm", 0.4, calibration=calibration))
     fresh = Engine(second, progress=False, overwrite=True).run(copy.deepcopy(dense), ByteTokenizer())
     calls: list[int] = []
-    real_run_layer = engine_module.run_layer
-    monkeypatch.setattr(engine_module, "run_layer", lambda *a: calls.append(1) or real_run_layer(*a))
+    real_run_layer = passes_module.run_layer
+    monkeypatch.setattr(passes_module, "run_layer", lambda *a: calls.append(1) or real_run_layer(*a))
     shared = Engine(second, progress=False, overwrite=True, store=store).run(copy.deepcopy(dense),
                                                                                     ByteTokenizer())
     assert calls == []
@@ -183,3 +183,45 @@ def test_store_keeps_nothing_past_its_memory_limit() -> None:
     store.put("base", "large", large)
     assert store.get("base", "small") is small and store.get("base", "large") is None
     assert store.get("other", "small") is None  # another model or data drops the rest
+
+
+def test_the_old_sequential_flag_names_a_pipeline(tmp_path: Path) -> None:
+    import typing
+
+    from lowrank_kit.pipeline.passes import LAYER_PASSES
+    from lowrank_kit.recipe.loading import from_raw
+    from lowrank_kit.recipe.schema import RecipeError
+    from lowrank_kit.recipe.spec import DataSpec
+
+    calibration = tiny_recipe(tmp_path)["calibration"]
+    assert from_raw(tiny_recipe(tmp_path)).calibration.pipeline == "sequential"
+    old = from_raw(tiny_recipe(tmp_path, calibration={**calibration, "sequential": False})).calibration
+    assert (old.pipeline, old.sequential) == ("dense_input", None)
+    with pytest.raises(RecipeError, match=r"calibration\.sequential: says sequential but pipeline says dense_input"):
+        from_raw(tiny_recipe(tmp_path, calibration={**calibration, "sequential": True, "pipeline": "dense_input"}))
+    with pytest.raises(RecipeError, match="calibration.pipeline"):
+        from_raw(tiny_recipe(tmp_path, calibration={**calibration, "pipeline": "sequentail"}))
+    choices = typing.get_args(typing.get_args(typing.get_type_hints(DataSpec)["pipeline"])[0])
+    assert set(choices) == set(LAYER_PASSES)
+
+
+def test_an_error_reaches_the_callbacks_and_closes_its_phase(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lowrank_kit.pipeline.callbacks import Callback
+
+    events: list[str] = []
+
+    class Recorder(Callback):
+        def on_phase_end(self, run, phase, seconds):
+            events.append(f"end {phase}")
+
+        def on_exception(self, run, error):
+            events.append(f"error {error}")
+
+    def broken(*_args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(passes_module.SequentialPass, "gather", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        compress(tiny_recipe(tmp_path), model=tiny_model("llama"), tokenizer=ByteTokenizer(), progress=False,
+                 callbacks=[Recorder()])
+    assert events[-2:] == ["end compress", "error boom"]

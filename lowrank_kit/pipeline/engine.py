@@ -1,12 +1,10 @@
-"""The engine: drives the hook points of a recipe over a model.
+"""The engine: orchestrates a run; the calibration passes themselves are ``pipeline.passes``.
 
-Pass 1 (dense model, only if the recipe scores anything): collect → score. Then allocate.
-Pass 2, layer by layer: collect the layer's statistics with inputs from the already
-compressed earlier layers (or, with ``calibration.sequential: false``, from the dense model,
-which a bench then shares across runs), transform it, recompute its outputs for the next
-layer. Then decode, evaluate, save, report. Lightning Fabric places the model and data and runs
-calibration data-parallel when given several devices; statistics are summed across
-processes before any decomposition.
+load → dense evaluations (cached) → calibration data → units → scoring pass (only if the
+recipe scores anything; cached) → allocate → the recipe's layer pass → decode → evaluate →
+save → report, each an obvious method, each phase timed and announced to the callbacks.
+Lightning Fabric places the model and data and runs calibration data-parallel when given
+several devices; statistics are summed across processes before any decomposition.
 """
 
 from __future__ import annotations
@@ -14,27 +12,25 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pluggy
 import torch
 from lightning.fabric import Fabric
-from tqdm.auto import tqdm
 
-from lowrank_kit.calibration.stats import Tap
 from lowrank_kit.data.texts import calibration_windows, load_text, tokenize
 from lowrank_kit.evaluation.metrics import DECODE_INDEPENDENT, evaluate
 from lowrank_kit.extension.manager import run_manager
 from lowrank_kit.models.adapters import adapter_for
 from lowrank_kit.models.loading import load_model
 from lowrank_kit.persistence import saving as io
-from lowrank_kit.pipeline.cache import Cache, DenseStore, fingerprint, statistic_identity
+from lowrank_kit.pipeline.cache import Cache, DenseStore, fingerprint
 from lowrank_kit.pipeline.callbacks import Callback, ProgressBar
-from lowrank_kit.pipeline.replay import LayerInputs, capture, run_layer
+from lowrank_kit.pipeline.passes import LAYER_PASSES, PassContext, ScoringPass
 from lowrank_kit.pipeline.state import RunState
 from lowrank_kit.recipe.schema import to_dict
 from lowrank_kit.recipe.spec import Recipe
@@ -71,27 +67,64 @@ class Engine:
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        """Time a phase; its end event is sent even when it fails (after ``on_exception``)."""
         self._emit("on_phase_start", name)
         start = time.perf_counter()
-        yield
-        seconds = time.perf_counter() - start
-        self.timings[name] = self.timings.get(name, 0.0) + seconds
-        self._emit("on_phase_end", name, seconds)
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - start
+            self.timings[name] = self.timings.get(name, 0.0) + seconds
+            self._emit("on_phase_end", name, seconds)
+
+    def _context(self, run: RunState, pm: pluggy.PluginManager) -> PassContext:
+        return PassContext(run=run, pm=pm, emit=self._emit, progress=self._progress)
+
+    def _progress(self, items: Iterator[torch.Tensor], total: int, label: str) -> Iterator[torch.Tensor]:
+        """Batches of a pass, announced to the callbacks (the progress bar draws them)."""
+        self._emit("on_batches_start", label, total)
+        for item in items:
+            yield item
+            self._emit("on_batch_end", label)
+        self._emit("on_batches_end", label)
 
     def run(self, model: Any = None, tokenizer: Any = None, reuse: Result | None = None) -> Result:
-        """Compress. A model passed in (e.g. a tiny one in tests) is used instead of loading one.
+        """Compress: load → dense evaluations → calibration data → passes → decode → evaluate → save.
 
-        ``reuse`` is the result of a run without a decode strategy whose recipe differs from this
-        one at most in ``decode``, ``name`` and ``output``: its compressed model is copied and
-        only decoding, evaluation and saving run (the report keeps that run's compression times).
+        A model passed in (e.g. a tiny one in tests) is used instead of loading one. ``reuse`` is
+        the result of a run without a decode strategy whose recipe differs from this one at most
+        in ``decode``, ``name`` and ``output``: its compressed model is copied and only decoding,
+        evaluation and saving run (the report keeps that run's compression times). Any error
+        reaches the callbacks' ``on_exception`` before it propagates.
         """
+        try:
+            if reuse is not None:
+                return self._reuse(reuse)
+            run, pm = self._load(model, tokenizer)
+            dense_params = io.count_params(run.model)
+            evaluations: dict[str, list[dict[str, Any]]] = {"dense": [], "compressed": []}
+            with self.phase("evaluate dense"):
+                evaluations["dense"] = self._dense_evaluations(run)
+            with self.phase("calibration data"):
+                self._calibration_data(run)
+            run.units = [u for units in pm.hook.lowrank_units(run=run) for u in units]
+            if self.recipe.score:
+                with self.phase("score"):
+                    self._scores(run, pm)
+            with self.phase("allocate"):
+                self._allocate(run, pm)
+            with self.phase("compress"):
+                self._compress(run, pm)
+            return self._finish(run, pm, evaluations, dense_params)
+        except BaseException as err:
+            self._emit("on_exception", err)
+            raise
+
+    def _load(self, model: Any, tokenizer: Any) -> tuple[RunState, pluggy.PluginManager]:
+        """Check the output folder, build the strategies, launch Fabric, load the model."""
         recipe = self.recipe
-        if reuse is not None:
-            return self._reuse(reuse)
-        out_dir = recipe.output_dir()
-        io.check_output_dir(out_dir, self.overwrite)
-        strategies = [choice.build() for choice in recipe.strategies()]
-        pm = run_manager(strategies)
+        io.check_output_dir(recipe.output_dir(), self.overwrite)
+        pm = run_manager([choice.build() for choice in recipe.strategies()])
         fabric = Fabric(accelerator=recipe.runtime.accelerator, devices=recipe.runtime.devices,
                         precision=recipe.runtime.precision)
         fabric.launch()
@@ -103,9 +136,7 @@ class Engine:
                        fabric=fabric, calibration=torch.empty(0))
         self.run_state = run
         self._emit("on_run_start")
-        dense_params = io.count_params(model)
-        evaluations = self._compress(run, pm)
-        return self._finish(run, pm, evaluations, dense_params)
+        return run, pm
 
     def _reuse(self, earlier: Result) -> Result:
         """Decode, evaluate and save a copy of an earlier run's compressed model (see ``run``)."""
@@ -129,35 +160,27 @@ class Engine:
         known = [row if row["metric"] in DECODE_INDEPENDENT else None for row in earlier.evaluations["compressed"]]
         return self._finish(run, pm, evaluations, earlier.dense_params, known)
 
-    def _compress(self, run: RunState, pm: Any) -> dict[str, list[dict[str, Any]]]:
-        """Dense evaluations, then pass 1, allocation and pass 2; returns the evaluations so far."""
-        recipe, fabric, tokenizer = run.recipe, run.fabric, run.tokenizer
-        evaluations: dict[str, list[dict[str, Any]]] = {"dense": [], "compressed": []}
-        with self.phase("evaluate dense"):
-            evaluations["dense"] = self._dense_evaluations(run)
-        with self.phase("calibration data"):
-            ids = tokenize(tokenizer, load_text(recipe.calibration.dataset, "calibration",
-                                                recipe.calibration.text_field))
-            windows = calibration_windows(ids, tokenizer, recipe.calibration.samples, recipe.calibration.seq_len,
-                                          recipe.calibration.seed, run.adapter.needs_bos)
-            run.calibration = windows[fabric.global_rank :: fabric.world_size]
-        run.units = [u for units in pm.hook.lowrank_units(run=run) for u in units]
-        if recipe.score:
-            with self.phase("score"):
-                self._scores(run, pm)
-        with self.phase("allocate"):
-            run.plan = pm.hook.lowrank_allocate(run=run, units=run.units)
-            if run.plan is None:
-                raise RuntimeError(f"allocator '{recipe.allocate.plugin}' returned no plan")
-        run.store, run.store_base = self.store, json.dumps(self._data_key(run), sort_keys=True, default=str)
-        with self.phase("compress"):
-            if recipe.calibration.sequential:
-                self._compress_pass(run, pm)
-            else:
-                self._dense_input_pass(run, pm)
-        return evaluations
+    def _calibration_data(self, run: RunState) -> None:
+        """This process's shard of the seeded calibration windows."""
+        calibration, fabric = run.recipe.calibration, run.fabric
+        ids = tokenize(run.tokenizer, load_text(calibration.dataset, "calibration", calibration.text_field))
+        windows = calibration_windows(ids, run.tokenizer, calibration.samples, calibration.seq_len,
+                                      calibration.seed, run.adapter.needs_bos)
+        run.calibration = windows[fabric.global_rank :: fabric.world_size]
 
-    def _finish(self, run: RunState, pm: Any, evaluations: dict[str, list[dict[str, Any]]],
+    def _allocate(self, run: RunState, pm: pluggy.PluginManager) -> None:
+        run.plan = pm.hook.lowrank_allocate(run=run, units=run.units)
+        if run.plan is None:
+            raise RuntimeError(f"allocator '{run.recipe.allocate.plugin}' returned no plan")
+
+    def _compress(self, run: RunState, pm: pluggy.PluginManager) -> None:
+        """The recipe's layer pass (``calibration.pipeline``) over every decoder layer."""
+        run.store, run.store_base = self.store, json.dumps(self._data_key(run), sort_keys=True, default=str)
+        layer_pass = LAYER_PASSES[run.recipe.calibration.pipeline]
+        run.dense_statistics = layer_pass.dense_statistics
+        layer_pass(self._context(run, pm)).run()
+
+    def _finish(self, run: RunState, pm: pluggy.PluginManager, evaluations: dict[str, list[dict[str, Any]]],
                 dense_params: int, known: list[dict[str, Any] | None] | None = None) -> Result:
         """Decode, evaluate the compressed model (except rows ``known`` already), save, report."""
         recipe, model, fabric = run.recipe, run.model, run.fabric
@@ -206,17 +229,7 @@ class Engine:
         return evaluate(run.model, run.tokenizer, spec, run.adapter.needs_bos, run.fabric,
                         desc=f"{label} {spec.metric}", progress=self.progress, dense=dense)
 
-    def _reduce(self, run: RunState) -> Any:
-        if run.fabric.world_size == 1:
-            return None
-        return lambda t: run.fabric.all_reduce(t, reduce_op="sum")
-
-    def _batches(self, run: RunState) -> Iterator[torch.Tensor]:
-        size = run.recipe.calibration.batch_size
-        for start in range(0, len(run.calibration), size):
-            yield run.calibration[start : start + size].to(run.fabric.device)
-
-    def _scores(self, run: RunState, pm: Any) -> None:
+    def _scores(self, run: RunState, pm: pluggy.PluginManager) -> None:
         """Importances from the cache when the same model, data and scorers were seen before."""
         recipe = run.recipe
         cache = Cache(recipe.output.cache_dir)
@@ -230,7 +243,7 @@ class Engine:
             run.scores.update(cached)
             run.notes["scores"] = {"cached": True}
             return
-        self._score_pass(run, pm)
+        ScoringPass().run(self._context(run, pm))
         cache.put("scores", key, run.scores)
         run.notes["scores"] = {"cached": False}
 
@@ -238,147 +251,6 @@ class Engine:
         """What makes two runs' calibration forwards of the dense model identical."""
         return {"model": self._dense_fingerprint(run), "calibration": run.recipe.calibration_data(),
                 "world_size": run.fabric.world_size, "precision": run.recipe.runtime.precision}
-
-    def _score_pass(self, run: RunState, pm: Any) -> None:
-        """Pass 1 on the dense model: gather whole-model statistics, then importances."""
-        tap = Tap()
-        pm.hook.lowrank_collect_dense(run=run, tap=tap)
-        batches = tqdm(self._batches(run), total=-(-len(run.calibration) // run.recipe.calibration.batch_size),
-                       desc="score (forward + backward)" if tap.backward else "score", unit="batch",
-                       disable=not self.progress or run.fabric.global_rank != 0, leave=False, file=sys.stderr)
-        with _gradients_only_for(run.model, tap.grad_params):
-            for batch in batches:
-                if tap.backward:
-                    # The gradient of the batch's mean loss, accumulated over chunks of windows so
-                    # that only one chunk's activations are held for the backward pass.
-                    for chunk in batch.split(run.recipe.runtime.backward_chunk):
-                        with run.fabric.autocast():
-                            loss = run.model(input_ids=chunk, labels=chunk, use_cache=False).loss
-                        run.fabric.backward(loss * len(chunk) / len(batch))
-                    tap.backward_done()
-                    run.model.zero_grad(set_to_none=True)
-                else:  # the decoder stack only: statistics never need the vocabulary-sized logits
-                    with torch.no_grad(), run.fabric.autocast():
-                        run.adapter.decoder(input_ids=batch, use_cache=False)
-        run.stats.update(tap.close(self._reduce(run)))
-        for scores in pm.hook.lowrank_score(run=run):
-            clash = set(scores) & set(run.scores)
-            if clash:
-                raise RuntimeError(f"two score strategies both scored {sorted(clash)[:3]}")
-            run.scores.update(scores)
-
-    def _capture_inputs(self, run: RunState, tap: Tap) -> list[LayerInputs]:
-        """The first decoder layer's inputs and keyword arguments for every calibration batch, on the CPU."""
-        with tap.paused():  # the recorders pass embeddings through every layer
-            inputs = [capture(run.model, run.adapter.layers, batch) for batch in self._batches(run)]
-        for item in inputs:
-            item.hidden = item.hidden.cpu()  # one layer's activations, off the accelerator
-        return inputs
-
-    @staticmethod
-    def _forward_layer(run: RunState, index: int, item: LayerInputs) -> torch.Tensor:
-        with run.fabric.autocast():
-            hidden = LayerInputs(item.hidden.to(run.fabric.device), item.kwargs)
-            return run_layer(run.adapter.layers[index], hidden, index)
-
-    @torch.no_grad()
-    def _compress_pass(self, run: RunState, pm: Any) -> None:
-        """Pass 2: one decoder layer at a time, statistics from compressed predecessors.
-
-        Calibration inputs are replayed lazily: captured at the first layer that collects
-        statistics and advanced through the (already compressed) layers only when a later
-        layer collects again, so data-free transforms cost no forward passes at all.
-        """
-        layers = run.adapter.layers
-        inputs: list[LayerInputs] | None = None
-        depth = 0  # ``inputs`` hold the inputs of layer ``depth``
-
-        for index in range(len(layers)):
-            self._emit("on_layer_start", index)
-            tap = Tap()
-            pm.hook.lowrank_collect_layer(run=run, tap=tap, layer=index)
-            if tap.stats:
-                if inputs is None:
-                    inputs = self._capture_inputs(run, tap)
-                for item in inputs:
-                    for earlier in range(depth, index):
-                        item.hidden = self._forward_layer(run, earlier, item).cpu()
-                    self._forward_layer(run, index, item)
-                depth = index
-            gathered = tap.close(self._reduce(run))
-            run.stats.update(gathered)
-            pm.hook.lowrank_transform(run=run, layer=index)
-            for key in gathered:  # a layer's statistics are not needed once it is compressed
-                run.stats.pop(key, None)
-            self._emit("on_layer_end", index)
-
-    @torch.no_grad()
-    def _dense_input_pass(self, run: RunState, pm: Any) -> None:
-        """Pass 2 with statistics of the dense model (``calibration.sequential: false``).
-
-        Each layer runs once, still dense, just before it is transformed, so its outputs are the
-        dense model's and feed the next layer. Statistics found in the DenseStore (a bench's
-        earlier ratio or recipe on the same model and data) cost no forward: layers run only up
-        to the last one with a statistic missing.
-        """
-        layers = run.adapter.layers
-        store, base = run.store, run.store_base
-
-        def stored(tap: Tap) -> dict[str, Any] | None:
-            if store is None:
-                return None if tap.stats else {}
-            found = {key: store.get(base, statistic_identity(key, stat)) for key, stat in tap.stats.items()}
-            return None if any(stat is None for stat in found.values()) else found
-
-        last_missing = -1
-        for index in range(len(layers)):  # a dry run of the taps: which layers must run?
-            tap = Tap()
-            pm.hook.lowrank_collect_layer(run=run, tap=tap, layer=index)
-            tap.close()
-            if stored(tap) is None:
-                last_missing = index
-        inputs: list[LayerInputs] | None = None
-        for index in range(len(layers)):
-            self._emit("on_layer_start", index)
-            tap = Tap()
-            pm.hook.lowrank_collect_layer(run=run, tap=tap, layer=index)
-            found = stored(tap)
-            if index <= last_missing:
-                if inputs is None:
-                    inputs = self._capture_inputs(run, tap)
-                with tap.paused() if found is not None else contextlib.nullcontext():
-                    for item in inputs:
-                        item.hidden = self._forward_layer(run, index, item).cpu()
-            if found is None:
-                found = tap.close(self._reduce(run))
-                for key, stat in found.items():
-                    if store is not None:
-                        store.put(base, statistic_identity(key, stat), stat)
-            else:
-                tap.close()
-            run.stats.update(found)
-            pm.hook.lowrank_transform(run=run, layer=index)
-            for key in found:
-                run.stats.pop(key, None)
-            self._emit("on_layer_end", index)
-
-
-@contextlib.contextmanager
-def _gradients_only_for(model: Any, params: list[torch.nn.Parameter]) -> Iterator[None]:
-    """Compute only the weight gradients a statistic reads (not e.g. the embedding's)."""
-    if not params:
-        yield
-        return
-    wanted = {id(p) for p in params}
-    before = {name: p.requires_grad for name, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in wanted)
-    try:
-        yield
-    finally:
-        for name, p in model.named_parameters():
-            p.requires_grad_(before[name])
-
 
 def same_compression(a: Recipe, b: Recipe) -> bool:
     """Whether two recipes compress identically (they may differ in decode, name and output)."""

@@ -38,6 +38,7 @@ class RunState:
     notes: dict[str, Any] = field(default_factory=dict)  # per-strategy facts for the report
     store: DenseStore | None = None  # results shared with other runs of this process (a bench)
     store_base: str = ""  # the dense model and calibration data those results belong to
+    dense_statistics: bool = False  # whether the layer pass takes statistics on the dense model
 
     @property
     def geometry(self) -> Geometry:
@@ -56,9 +57,9 @@ class RunState:
     def dense_result(self, key: str, compute: Callable[[], T], reads_statistics: bool) -> T:
         """``compute()``, or its result from an earlier run of this process on the same dense
         model and data. Only results of dense inputs are shared: the weights being transformed
-        are always dense, statistics only when ``calibration.sequential`` is false.
+        are always dense, statistics only under the dense-input pass.
         """
-        if self.store is None or (reads_statistics and self.recipe.calibration.sequential):
+        if self.store is None or (reads_statistics and not self.dense_statistics):
             return compute()
         value = self.store.get(self.store_base, key)
         if value is None:

@@ -34,15 +34,25 @@ class DataSpec:
     seed: int = _help("seed of the window sampling", default=0)
     batch_size: int = _help("windows per forward pass", default=4)
     text_field: str = _help("field holding the text in JSON/JSONL files", default="text")
-    sequential: bool = _help(
-        "true: a layer's statistics are taken on inputs from the already compressed earlier layers "
-        "(FLAT-LLM's order); false: on the dense model's activations (SVD-LLM's and ASVD's whitening), "
-        "one forward per layer, and a bench gathers them once for all ratios and recipes", default=True)
+    pipeline: Literal["sequential", "dense_input"] | None = _help(
+        "the calibration pass of the compression (pipeline.passes): sequential takes a layer's statistics on "
+        "inputs from the already compressed earlier layers (FLAT-LLM's order); dense_input on the dense "
+        "model's activations (SVD-LLM's and ASVD's whitening), one forward per layer, gathered once by a "
+        "bench for all ratios and recipes. Default sequential", default=None)
+    sequential: bool | None = _help("older spelling of pipeline: true = sequential, false = dense_input",
+                                    default=None)
 
     def check(self, path: str) -> None:
         for key in ("samples", "seq_len", "batch_size"):
             if getattr(self, key) < 1:
                 raise RecipeError(join(path, key), f"must be at least 1, got {getattr(self, key)}")
+        if self.sequential is not None:
+            implied = "sequential" if self.sequential else "dense_input"
+            if self.pipeline not in (None, implied):
+                raise RecipeError(join(path, "sequential"), f"says {implied} but pipeline says {self.pipeline}; "
+                                                            "keep pipeline only")
+            self.pipeline, self.sequential = implied, None  # translated: the resolved recipe names the pipeline
+        self.pipeline = self.pipeline or "sequential"
 
 
 @dataclass
@@ -148,7 +158,7 @@ class Recipe:
 
     def calibration_data(self) -> dict[str, Any]:
         """What determines the calibration tokens (not how statistics are taken from them)."""
-        return {k: v for k, v in to_dict(self.calibration).items() if k != "sequential"}
+        return {k: v for k, v in to_dict(self.calibration).items() if k not in ("pipeline", "sequential")}
 
     def output_dir(self) -> Path:
         return Path(self.output.dir.format(name=self.name, ratio=f"{self.target.ratio:g}"))

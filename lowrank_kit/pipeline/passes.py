@@ -1,0 +1,234 @@
+"""The calibration passes of a run, as named parts the engine calls in order.
+
+- ``ScoringPass``: the dense model over the calibration batches (a backward pass per batch
+  when a statistic reads gradients), then ``lowrank_score``.
+- ``SequentialPass`` (``calibration.pipeline: sequential``): layer by layer, statistics on
+  inputs produced by the already compressed earlier layers (FLAT-LLM's order).
+- ``DenseInputPass`` (``dense_input``): layer by layer, statistics on the dense model's
+  activations (SVD-LLM's and ASVD's whitening); a bench shares them across ratios and recipes.
+
+Both layer passes share one loop (``LayerPass.run``: collect → gather → transform → drop, with
+``on_layer_start``/``on_layer_end`` around each layer) and differ only in ``gather``: which
+forwards feed a layer's statistics. A new pass is a subclass with a ``gather`` and a line in
+``LAYER_PASSES`` (and the recipe's ``pipeline`` choices).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pluggy
+import torch
+from torch import nn
+
+from lowrank_kit.calibration.stats import Statistic, Tap
+from lowrank_kit.pipeline.cache import statistic_identity
+from lowrank_kit.pipeline.replay import LayerInputs, capture, run_layer
+from lowrank_kit.pipeline.state import RunState
+
+
+@dataclass
+class PassContext:
+    """What a pass needs besides the run state: the run's hooks, callback events, batches."""
+
+    run: RunState
+    pm: pluggy.PluginManager
+    emit: Callable[..., None]
+    progress: Callable[[Iterator[torch.Tensor], int, str], Iterator[torch.Tensor]]
+
+    def reduce(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """Sum across processes (data-parallel calibration), or None on one process."""
+        fabric = self.run.fabric
+        return None if fabric.world_size == 1 else (lambda t: fabric.all_reduce(t, reduce_op="sum"))
+
+    def batches(self) -> Iterator[torch.Tensor]:
+        run = self.run
+        size = run.recipe.calibration.batch_size
+        for start in range(0, len(run.calibration), size):
+            yield run.calibration[start : start + size].to(run.fabric.device)
+
+    @property
+    def batch_count(self) -> int:
+        return -(-len(self.run.calibration) // self.run.recipe.calibration.batch_size)
+
+
+class ScoringPass:
+    """Pass 1 on the dense model: gather whole-model statistics, then importances."""
+
+    def run(self, ctx: PassContext) -> None:
+        run = ctx.run
+        tap = Tap()
+        ctx.pm.hook.lowrank_collect_dense(run=run, tap=tap)
+        label = "score (forward + backward)" if tap.backward else "score"
+        with _gradients_only_for(run.model, tap.grad_params):
+            for batch in ctx.progress(ctx.batches(), ctx.batch_count, label):
+                if tap.backward:
+                    # The gradient of the batch's mean loss, accumulated over chunks of windows so
+                    # that only one chunk's activations are held for the backward pass.
+                    for chunk in batch.split(run.recipe.runtime.backward_chunk):
+                        with run.fabric.autocast():
+                            loss = run.model(input_ids=chunk, labels=chunk, use_cache=False).loss
+                        run.fabric.backward(loss * len(chunk) / len(batch))
+                    tap.backward_done()
+                    run.model.zero_grad(set_to_none=True)
+                else:  # the decoder stack only: statistics never need the vocabulary-sized logits
+                    with torch.no_grad(), run.fabric.autocast():
+                        run.adapter.decoder(input_ids=batch, use_cache=False)
+        run.stats.update(tap.close(ctx.reduce()))
+        for scores in ctx.pm.hook.lowrank_score(run=run):
+            clash = set(scores) & set(run.scores)
+            if clash:
+                raise RuntimeError(f"two score strategies both scored {sorted(clash)[:3]}")
+            run.scores.update(scores)
+
+
+class LayerPass:
+    """Pass 2: every decoder layer collects, gathers its statistics, is transformed, in order."""
+
+    name: ClassVar[str]
+    # Whether its statistics are the dense model's, so results computed from them can be shared
+    # with other runs on the same dense model and data (a bench's DenseStore).
+    dense_statistics: ClassVar[bool]
+
+    def __init__(self, ctx: PassContext):
+        self.ctx = ctx
+        self.inputs: list[LayerInputs] | None = None  # calibration batches at the current depth, on the CPU
+
+    @torch.no_grad()
+    def run(self) -> None:
+        ctx, run = self.ctx, self.ctx.run
+        self.prepare()
+        for index in range(len(run.adapter.layers)):
+            ctx.emit("on_layer_start", index)
+            tap = self.collect(index)
+            gathered = self.gather(index, tap)
+            run.stats.update(gathered)
+            ctx.pm.hook.lowrank_transform(run=run, layer=index)
+            for key in gathered:  # a layer's statistics are not needed once it is compressed
+                run.stats.pop(key, None)
+            ctx.emit("on_layer_end", index)
+
+    def prepare(self) -> None:
+        """Work before the first layer (none by default)."""
+
+    def collect(self, index: int) -> Tap:
+        tap = Tap()
+        self.ctx.pm.hook.lowrank_collect_layer(run=self.ctx.run, tap=tap, layer=index)
+        return tap
+
+    def gather(self, index: int, tap: Tap) -> dict[str, Statistic]:
+        """Run the forwards that fill ``tap`` for layer ``index``; return its closed statistics."""
+        raise NotImplementedError
+
+    def capture_inputs(self, tap: Tap) -> list[LayerInputs]:
+        """The first decoder layer's inputs and keyword arguments for every calibration batch, on the CPU."""
+        run = self.ctx.run
+        with tap.paused():  # the recorders pass embeddings through every layer
+            inputs = [capture(run.model, run.adapter.layers, batch) for batch in self.ctx.batches()]
+        for item in inputs:
+            item.hidden = item.hidden.cpu()  # one layer's activations, off the accelerator
+        return inputs
+
+    def forward_layer(self, index: int, item: LayerInputs) -> torch.Tensor:
+        run = self.ctx.run
+        with run.fabric.autocast():
+            hidden = LayerInputs(item.hidden.to(run.fabric.device), item.kwargs)
+            return run_layer(run.adapter.layers[index], hidden, index)
+
+
+class SequentialPass(LayerPass):
+    """Statistics from compressed predecessors.
+
+    Calibration inputs are replayed lazily: captured at the first layer that collects
+    statistics and advanced through the (already compressed) layers only when a later layer
+    collects again, so data-free transforms cost no forward passes at all.
+    """
+
+    name = "sequential"
+    dense_statistics = False
+
+    def __init__(self, ctx: PassContext):
+        super().__init__(ctx)
+        self.depth = 0  # ``inputs`` hold the inputs of layer ``depth``
+
+    def gather(self, index: int, tap: Tap) -> dict[str, Statistic]:
+        if tap.stats:
+            if self.inputs is None:
+                self.inputs = self.capture_inputs(tap)
+            for item in self.inputs:
+                for earlier in range(self.depth, index):
+                    item.hidden = self.forward_layer(earlier, item).cpu()
+                self.forward_layer(index, item)
+            self.depth = index
+        return tap.close(self.ctx.reduce())
+
+
+class DenseInputPass(LayerPass):
+    """Statistics of the dense model.
+
+    Each layer runs once, still dense, just before it is transformed, so its outputs are the
+    dense model's and feed the next layer. Statistics found in the DenseStore (a bench's
+    earlier ratio or recipe on the same model and data) cost no forward: layers run only up to
+    the last one with a statistic missing, found by asking every layer's collect hook first.
+    """
+
+    name = "dense_input"
+    dense_statistics = True
+
+    def stored(self, tap: Tap) -> dict[str, Statistic] | None:
+        """The statistics ``tap`` asks for, all from the store; None when any is missing."""
+        run = self.ctx.run
+        if run.store is None:
+            return None if tap.stats else {}
+        found = {key: run.store.get(run.store_base, statistic_identity(key, stat)) for key, stat in tap.stats.items()}
+        return None if any(stat is None for stat in found.values()) else found
+
+    def prepare(self) -> None:
+        self.last_missing = -1
+        for index in range(len(self.ctx.run.adapter.layers)):
+            tap = self.collect(index)
+            tap.close()
+            if self.stored(tap) is None:
+                self.last_missing = index
+
+    def gather(self, index: int, tap: Tap) -> dict[str, Statistic]:
+        run = self.ctx.run
+        found = self.stored(tap)
+        if index <= self.last_missing:
+            if self.inputs is None:
+                self.inputs = self.capture_inputs(tap)
+            with tap.paused() if found is not None else contextlib.nullcontext():
+                for item in self.inputs:
+                    item.hidden = self.forward_layer(index, item).cpu()
+        if found is not None:
+            tap.close()
+            return found
+        found = tap.close(self.ctx.reduce())
+        if run.store is not None:
+            for key, stat in found.items():
+                run.store.put(run.store_base, statistic_identity(key, stat), stat)
+        return found
+
+
+# calibration.pipeline → the layer pass it names (recipe.spec's DataSpec lists the same names).
+LAYER_PASSES: dict[str, type[LayerPass]] = {cls.name: cls for cls in (SequentialPass, DenseInputPass)}
+
+
+@contextlib.contextmanager
+def _gradients_only_for(model: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
+    """Compute only the weight gradients a statistic reads (not e.g. the embedding's)."""
+    if not params:
+        yield
+        return
+    wanted = {id(p) for p in params}
+    before = {name: p.requires_grad for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in wanted)
+    try:
+        yield
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(before[name])
