@@ -199,7 +199,7 @@ def test_the_old_sequential_flag_names_a_pipeline(tmp_path: Path) -> None:
     assert (old.pipeline, old.sequential) == ("dense_input", None)
     with pytest.raises(RecipeError, match=r"calibration\.sequential: says sequential but pipeline says dense_input"):
         from_raw(tiny_recipe(tmp_path, calibration={**calibration, "sequential": True, "pipeline": "dense_input"}))
-    with pytest.raises(RecipeError, match="calibration.pipeline"):
+    with pytest.raises(RecipeError, match=r"calibration\.pipeline"):
         from_raw(tiny_recipe(tmp_path, calibration={**calibration, "pipeline": "sequentail"}))
     choices = typing.get_args(typing.get_args(typing.get_type_hints(DataSpec)["pipeline"])[0])
     assert set(choices) == set(LAYER_PASSES)
