@@ -13,7 +13,7 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -23,6 +23,9 @@ from torch import nn
 from lowrank_kit.compressed.modules import LowRankLinear, ResizedLinear
 from lowrank_kit.models.attention import rebuild
 from lowrank_kit.recipe.schema import RecipeError
+
+if TYPE_CHECKING:
+    from lowrank_kit.pipeline.state import RunState
 
 FORMAT_VERSION = 2  # 2: head-wise PCA values stored rank-major; decode section
 WEIGHTS = "model.safetensors"
@@ -74,7 +77,7 @@ def partial_dir(folder: Path) -> Path:
     return folder.with_name(f".{folder.name}.partial-{os.getpid()}")
 
 
-def write_model(run: Any, folder: Path) -> Path:
+def write_model(run: RunState, folder: Path) -> Path:
     """Write the model files into a ``.partial`` folder beside the final one.
 
     An interrupted run leaves only that folder, never a half-written output.
@@ -89,7 +92,7 @@ def write_model(run: Any, folder: Path) -> Path:
     return partial
 
 
-def finish(run: Any, partial: Path, folder: Path, report: dict[str, Any], overwrite: bool = False,
+def finish(run: RunState, partial: Path, folder: Path, report: dict[str, Any], overwrite: bool = False,
            files: dict[str, str] | None = None) -> Path:
     """Add the resolved recipe, the report and ``files`` (name → text), then move the folder into place."""
     from lowrank_kit.reporting.report import markdown

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import resource
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from lowrank_kit.models.adapters import PROJECTIONS, ModelAdapter
+
+if TYPE_CHECKING:
+    from lowrank_kit.pipeline.state import RunState
 
 
 def weight_params(module: nn.Module) -> int:
@@ -67,7 +70,7 @@ def generations_jsonl(evaluations: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(lines) + "\n" if lines else ""
 
 
-def build(run: Any, dense_params: int, compressed_params: int, evaluations: dict[str, list[dict[str, Any]]],
+def build(run: RunState, dense_params: int, compressed_params: int, evaluations: dict[str, list[dict[str, Any]]],
           timings: dict[str, float]) -> dict[str, Any]:
     recipe = run.recipe
     total = run.geometry.total_linear_params
