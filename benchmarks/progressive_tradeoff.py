@@ -55,8 +55,7 @@ def main() -> None:
     for schedule in [None, *args.schedule]:
         if schedule is not None:
             install(model, {"kind": "progressive", "stages": json.loads(schedule), "floor": args.floor})
-        texts, meter = generate_continuations(model, tokenizer, prompts, spec.new_tokens, spec.batch_size,
-                                              progress=False)
+        texts, meter = generate_continuations(model, tokenizer, prompts, spec.new_tokens, spec.batch_size)
         saved = 1 - meter.decode_macs / meter.static_decode_macs
         print(f"| {schedule or 'static (allocated ranks)'} | {rouge_l(texts, dense):.3f} | "
               f"{meter.decode_macs / meter.decode_tokens:,.0f} | {saved:.1%} | "

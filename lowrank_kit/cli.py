@@ -66,6 +66,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lowrank_kit.models.loading import load_model
     from lowrank_kit.persistence.saving import WEIGHTS, load_pretrained
     from lowrank_kit.recipe.spec import EvalSpec
+    from lowrank_kit.reporting.progress import console
 
     if os.path.isfile(os.path.join(args.model, WEIGHTS)) and os.path.isfile(os.path.join(args.model, "recipe.yaml")):
         from transformers import AutoTokenizer
@@ -74,7 +75,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         model, tokenizer = load_model(args.model)
     spec = EvalSpec(dataset=args.dataset, seq_len=args.seq_len, max_tokens=args.max_tokens)
-    row = evaluate(model, tokenizer, spec, adapter_for(model).needs_bos)
+    row = evaluate(model, tokenizer, spec, adapter_for(model).needs_bos, progress=console)
     print(f"{row['metric']} on {row['dataset']} ({row['tokens']} tokens, windows of {row['seq_len']}): "
           f"{row['value']:.3f}")
     return 0

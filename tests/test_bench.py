@@ -93,10 +93,10 @@ def test_reused_whole_sequence_evaluations_equal_fresh_ones(tmp_path: Path) -> N
     static = tiny_recipe(tmp_path / "s", "svd_llm", name="static", evaluate=EVALUATE)
     progressive = {**tiny_recipe(tmp_path / "p", "svd_llm", name="progressive", evaluate=EVALUATE),
                    "decode": {"plugin": "progressive", "stages": [[0, 0.5]]}}
-    first = Engine(resolve_recipe(static), progress=False).run(tiny_model("llama"), ByteTokenizer())
-    second = Engine(resolve_recipe(progressive), progress=False).run(reuse=first)
+    first = Engine(resolve_recipe(static)).run(tiny_model("llama"), ByteTokenizer())
+    second = Engine(resolve_recipe(progressive)).run(reuse=first)
     recipe = second.run.recipe
     for index in (0, 1):  # perplexity, lastword
-        fresh = evaluate(second.model, ByteTokenizer(), recipe.evaluate[index], False, progress=False)
+        fresh = evaluate(second.model, ByteTokenizer(), recipe.evaluate[index], False)
         assert second.evaluations["compressed"][index]["value"] == pytest.approx(fresh["value"], rel=1e-6)
     assert second.evaluations["compressed"][2]["decode_macs_saved"] > 0.4  # generation did run again

@@ -28,8 +28,8 @@ def test_lastword_accuracy_matches_greedy_generation(family: str) -> None:
         word = out[0, length:].tolist()
         examples.append((context, word))  # exactly what greedy decoding produces: correct
         examples.append((context, [*word[:2], (word[2] + 1) % 256]))  # last token wrong: incorrect
-    assert lastword_accuracy(model, examples, batch_size=4, progress=False) == 0.5
-    assert lastword_accuracy(model, examples[::2], batch_size=3, progress=False) == 1.0
+    assert lastword_accuracy(model, examples, batch_size=4) == 0.5
+    assert lastword_accuracy(model, examples[::2], batch_size=3) == 1.0
 
 
 def test_lastword_paragraphs_come_from_the_held_out_half() -> None:
@@ -53,7 +53,7 @@ def test_lastword_in_a_run_and_from_jsonl(tmp_path: Path) -> None:
     evaluate = [{"metric": "lastword", "dataset": "austen-persuasion", "prompts": 6, "seq_len": 64},
                 {"metric": "lastword", "dataset": str(data)}]
     result = compress(tiny_recipe(tmp_path, evaluate=evaluate), model=tiny_model("llama"),
-                      tokenizer=ByteTokenizer(), progress=False)
+                      tokenizer=ByteTokenizer())
     rows = result.report["evaluation"]
     assert [r["metric"] for r in rows] == ["lastword", "lastword"]
     assert rows[0]["details"]["compressed"]["examples"] == 6 and rows[1]["details"]["compressed"]["examples"] == 4

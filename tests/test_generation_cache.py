@@ -45,7 +45,7 @@ def uncached_greedy(model: nn.Module, prompt: torch.Tensor, new: int) -> torch.T
 def test_cached_generation_equals_uncached(tmp_path: Path, family: str, kind: str) -> None:
     transform, module_type, ratio = KINDS[kind]
     recipe = tiny_recipe(tmp_path, transform[0]["plugin"], ratio, transform=transform, evaluate=[])
-    model = compress(recipe, model=tiny_model(family), tokenizer=ByteTokenizer(), progress=False).model
+    model = compress(recipe, model=tiny_model(family), tokenizer=ByteTokenizer()).model
     assert any(isinstance(m, module_type) for m in model.modules())
     prompt = sample_ids(n=1, length=12, seed=9)
     with torch.no_grad():
@@ -66,20 +66,19 @@ def test_an_unknown_cache_keyword_is_refused() -> None:
 def test_a_cache_ignored_during_generation_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The 5.24 failure mode (value-dim attention dropping the cache) must stop, not report garbage."""
     recipe = tiny_recipe(tmp_path, "headwise_pca", 0.1, evaluate=[])
-    model = compress(recipe, model=tiny_model("llama"), tokenizer=ByteTokenizer(), progress=False).model
+    model = compress(recipe, model=tiny_model("llama"), tokenizer=ByteTokenizer()).model
     prompt = sample_ids(n=1, length=12, seed=9).tolist()
-    _, meter = generate_continuations(model, ByteTokenizer(), prompt, 6, 1, progress=False)
+    _, meter = generate_continuations(model, ByteTokenizer(), prompt, 6, 1)
     assert meter.decode_tokens == 5 and meter.note is None  # the first new token comes from the prefill
     pop = hf_compat.pop_cache
     monkeypatch.setattr(hf_compat, "pop_cache", lambda kwargs: pop(kwargs) and None)  # found, then dropped
     with pytest.raises(hf_compat.UnsupportedTransformers, match="stayed empty"):
-        generate_continuations(model, ByteTokenizer(), prompt, 6, 1, progress=False)
+        generate_continuations(model, ByteTokenizer(), prompt, 6, 1)
 
 
 def test_unmeasured_decode_speed_says_why() -> None:
     model = tiny_model("llama")
-    _, meter = generate_continuations(model, ByteTokenizer(), sample_ids(n=1, length=12).tolist(), 1, 1,
-                                      progress=False)
+    _, meter = generate_continuations(model, ByteTokenizer(), sample_ids(n=1, length=12).tolist(), 1, 1)
     assert meter.decode_tokens == 0 and "first token" in meter.note
 
 

@@ -12,12 +12,12 @@ from typing import Any
 
 import torch
 from torchmetrics.text import ROUGEScore
-from tqdm.auto import tqdm
 
 from lowrank_kit.compressed.decoding import is_prompt, rank_modules
 from lowrank_kit.data.texts import generation_prompts
 from lowrank_kit.models import hf_compat
 from lowrank_kit.recipe.spec import EvalSpec
+from lowrank_kit.reporting.progress import Progress, quiet
 
 
 class GenerationMeter:
@@ -103,14 +103,15 @@ def padded(rows: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor
 @torch.no_grad()
 def generate_continuations(model: Any, tokenizer: Any, prompts: list[list[int]], new_tokens: int,
                            batch_size: int, device: Any = None, desc: str = "generation",
-                           progress: bool = True) -> tuple[list[str], GenerationMeter]:
+                           progress: Progress = quiet) -> tuple[list[str], GenerationMeter]:
     """Greedy continuations (text, generated part only) of token prompts, and their measurements."""
     device = device or next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     meter = GenerationMeter(model)
     texts: list[str] = []
     try:
-        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, disable=not progress):
+        starts = range(0, len(prompts), batch_size)
+        for start in progress(starts, len(starts), desc):
             ids, mask = padded(prompts[start : start + batch_size], pad_id, left=True)
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                                  max_new_tokens=new_tokens, pad_token_id=pad_id, temperature=None, top_p=None,
@@ -129,7 +130,7 @@ def rouge_l(predictions: list[str], targets: list[str]) -> float:
 
 
 def row(model: Any, tokenizer: Any, spec: EvalSpec, needs_bos: bool, fabric: Any = None,
-        desc: str = "generation", progress: bool = True, dense: dict[str, Any] | None = None) -> dict[str, Any]:
+        desc: str = "generation", progress: Progress = quiet, dense: dict[str, Any] | None = None) -> dict[str, Any]:
     """One generation evaluation row; ``dense`` is the dense model's row (None when it is the dense model)."""
     prompts, references = generation_prompts(tokenizer, spec, needs_bos)
     device = fabric.device if fabric is not None else None

@@ -5,16 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from lowrank_kit.data.texts import lastword_examples
 from lowrank_kit.evaluation.generation import padded
 from lowrank_kit.recipe.spec import EvalSpec
+from lowrank_kit.reporting.progress import Progress, quiet
 
 
 @torch.no_grad()
 def lastword_accuracy(model: Any, examples: list[tuple[list[int], list[int]]], batch_size: int = 8,
-                      device: Any = None, desc: str = "lastword", progress: bool = True) -> float:
+                      device: Any = None, desc: str = "lastword", progress: Progress = quiet) -> float:
     """Share of examples whose final word the model predicts greedily, every token of it.
 
     With the context and the word's earlier tokens as input, the argmax at each of the word's
@@ -23,7 +23,8 @@ def lastword_accuracy(model: Any, examples: list[tuple[list[int], list[int]]], b
     device = device or next(model.parameters()).device
     correct = 0
     examples = sorted(examples, key=lambda e: len(e[0]) + len(e[1]))  # similar lengths batch with little padding
-    for start in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False, disable=not progress):
+    starts = range(0, len(examples), batch_size)
+    for start in progress(starts, len(starts), desc):
         chunk = examples[start : start + batch_size]
         ids, mask = padded([context + target[:-1] for context, target in chunk], 0, left=False)
         # Logits only where some row's word is predicted: the vocabulary projection of every
@@ -41,7 +42,7 @@ def lastword_accuracy(model: Any, examples: list[tuple[list[int], list[int]]], b
 
 
 def row(model: Any, tokenizer: Any, spec: EvalSpec, needs_bos: bool, fabric: Any = None,
-        desc: str = "lastword", progress: bool = True, dense: dict[str, Any] | None = None) -> dict[str, Any]:
+        desc: str = "lastword", progress: Progress = quiet, dense: dict[str, Any] | None = None) -> dict[str, Any]:
     """One report row: the share of paragraphs whose last word the model predicts."""
     examples = lastword_examples(tokenizer, spec, needs_bos)
     device = fabric.device if fabric is not None else None

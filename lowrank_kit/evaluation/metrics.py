@@ -13,6 +13,7 @@ from typing import Any
 
 from lowrank_kit.evaluation import generation, lastword, perplexity
 from lowrank_kit.recipe.spec import EvalSpec
+from lowrank_kit.reporting.progress import Progress, quiet
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ DECODE_INDEPENDENT = tuple(name for name, metric in METRICS.items() if metric.de
 
 
 def evaluate(model: Any, tokenizer: Any, spec: EvalSpec, needs_bos: bool, fabric: Any = None,
-             desc: str = "perplexity", progress: bool = True, dense: dict[str, Any] | None = None) -> dict[str, Any]:
+             desc: str = "perplexity", progress: Progress = quiet, dense: dict[str, Any] | None = None
+             ) -> dict[str, Any]:
     """Run one recipe evaluation entry; returns a row for the report."""
     return METRICS[spec.metric].row(model, tokenizer, spec, needs_bos, fabric, desc, progress, dense)

@@ -7,15 +7,15 @@ from typing import Any
 
 import torch
 from torchmetrics.text import Perplexity
-from tqdm.auto import tqdm
 
 from lowrank_kit.data.texts import evaluation_windows, load_text, tokenize
 from lowrank_kit.recipe.spec import EvalSpec
+from lowrank_kit.reporting.progress import Progress, quiet
 
 
 @torch.no_grad()
 def perplexity(model: Any, windows: torch.Tensor, fabric: Any = None, batch_size: int = 1,
-               desc: str = "perplexity", progress: bool = True) -> float:
+               desc: str = "perplexity", progress: Progress = quiet) -> float:
     """exp(mean next-token NLL) over every position but the first of each window.
 
     With a BOS token at each window start, the BOS is context only: it is never a target.
@@ -24,7 +24,8 @@ def perplexity(model: Any, windows: torch.Tensor, fabric: Any = None, batch_size
     metric = Perplexity().to(device)
     rank, world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
     shard = windows[rank::world]
-    for start in tqdm(range(0, len(shard), batch_size), desc=desc, leave=False, disable=rank != 0 or not progress):
+    starts = range(0, len(shard), batch_size)
+    for start in progress(starts, len(starts), desc):
         batch = shard[start : start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits
         metric.update(logits[:, :-1].float(), batch[:, 1:])
@@ -33,7 +34,7 @@ def perplexity(model: Any, windows: torch.Tensor, fabric: Any = None, batch_size
 
 
 def row(model: Any, tokenizer: Any, spec: EvalSpec, needs_bos: bool, fabric: Any = None,
-        desc: str = "perplexity", progress: bool = True, dense: dict[str, Any] | None = None) -> dict[str, Any]:
+        desc: str = "perplexity", progress: Progress = quiet, dense: dict[str, Any] | None = None) -> dict[str, Any]:
     """One report row: perplexity over the recipe's windows, and the prefill speed it measured."""
     ids = tokenize(tokenizer, load_text(spec.dataset, "evaluation", spec.text_field))
     windows = evaluation_windows(ids, tokenizer, spec.seq_len, spec.max_tokens, needs_bos)

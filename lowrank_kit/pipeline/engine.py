@@ -13,10 +13,10 @@ import contextlib
 import copy
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pluggy
 import torch
@@ -35,6 +35,8 @@ from lowrank_kit.pipeline.state import RunState
 from lowrank_kit.recipe.schema import to_dict
 from lowrank_kit.recipe.spec import Recipe
 from lowrank_kit.reporting import report
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -57,7 +59,6 @@ class Engine:
         self.store = store  # dense-model statistics and factorisations shared with other runs (a bench)
         self.callbacks = list(callbacks or []) + ([ProgressBar()] if progress else [])
         self.overwrite = overwrite or recipe.output.overwrite
-        self.progress = progress
         self.timings: dict[str, float] = {}
         self.run_state: RunState | None = None
 
@@ -80,8 +81,8 @@ class Engine:
     def _context(self, run: RunState, pm: pluggy.PluginManager) -> PassContext:
         return PassContext(run=run, pm=pm, emit=self._emit, progress=self._progress)
 
-    def _progress(self, items: Iterator[torch.Tensor], total: int, label: str) -> Iterator[torch.Tensor]:
-        """Batches of a pass, announced to the callbacks (the progress bar draws them)."""
+    def _progress(self, items: Iterable[T], total: int, label: str) -> Iterator[T]:
+        """The run's ``Progress``: batches of a pass or an evaluation, announced to the callbacks."""
         self._emit("on_batches_start", label, total)
         for item in items:
             yield item
@@ -227,7 +228,7 @@ class Engine:
                       ) -> dict[str, Any]:
         """One recipe evaluation; a compressed model's is compared with the dense model's row."""
         return evaluate(run.model, run.tokenizer, spec, run.adapter.needs_bos, run.fabric,
-                        desc=f"{label} {spec.metric}", progress=self.progress, dense=dense)
+                        desc=f"{label} {spec.metric}", progress=self._progress, dense=dense)
 
     def _scores(self, run: RunState, pm: pluggy.PluginManager) -> None:
         """Importances from the cache when the same model, data and scorers were seen before."""

@@ -28,6 +28,7 @@ from lowrank_kit.calibration.stats import Statistic, Tap
 from lowrank_kit.pipeline.cache import statistic_identity
 from lowrank_kit.pipeline.replay import LayerInputs, capture, run_layer
 from lowrank_kit.pipeline.state import RunState
+from lowrank_kit.reporting.progress import Progress
 
 
 @dataclass
@@ -37,7 +38,7 @@ class PassContext:
     run: RunState
     pm: pluggy.PluginManager
     emit: Callable[..., None]
-    progress: Callable[[Iterator[torch.Tensor], int, str], Iterator[torch.Tensor]]
+    progress: Progress
 
     def reduce(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """Sum across processes (data-parallel calibration), or None on one process."""
