@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
+from lightning.fabric import Fabric
+from transformers import PreTrainedModel
 
 from lowrank_kit.calibration.stats import Statistic
 from lowrank_kit.compressed.plan import RankPlan, Unit
@@ -26,10 +28,10 @@ class RunState:
     """
 
     recipe: Recipe
-    model: Any
-    tokenizer: Any
+    model: PreTrainedModel
+    tokenizer: Any  # a transformers tokenizer, or anything with the same encode/decode calls
     adapter: ModelAdapter
-    fabric: Any
+    fabric: Fabric
     calibration: torch.Tensor  # this process's calibration windows, [n, seq_len]
     stats: dict[str, Statistic] = field(default_factory=dict)
     scores: dict[str, float] = field(default_factory=dict)
