@@ -68,7 +68,7 @@ class Engine:
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        """Time a phase; its end event is sent even when it fails (after ``on_exception``)."""
+        """Time a phase; its end event is sent even when it fails (before the error reaches ``on_exception``)."""
         self._emit("on_phase_start", name)
         start = time.perf_counter()
         try:
