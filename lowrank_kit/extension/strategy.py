@@ -52,6 +52,9 @@ class Strategy:
     def check_targets(cls, targets: list[str], path: str) -> None:
         """Reject targets this transform cannot rewrite; called by the recipe validator."""
         for i, target in enumerate(targets):
+            if not isinstance(target, str):
+                raise RecipeError(f"{path}[{i}]", f"expected a projection name such as "
+                                                  f"'{cls.allowed_targets[0]}', got {target!r}")
             if target not in cls.allowed_targets:
                 raise RecipeError(
                     f"{path}[{i}]",

@@ -12,10 +12,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lowrank_kit.data.texts import check_name
 from lowrank_kit.extension.manager import registry
+from lowrank_kit.recipe import yaml_input
 from lowrank_kit.recipe.schema import RecipeError, closest, from_dict, join
 from lowrank_kit.recipe.spec import SECTIONS, TOP_KEYS, EvalSpec, Recipe, StrategyChoice
 
@@ -121,7 +120,13 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
         parts.append(int(token) if token.isdigit() else token)
     if not parts:
         raise RecipeError("--set", f"empty key in '{text}'")
-    return parts, yaml.safe_load(value) if value else None
+    if not value:
+        return parts, None
+    try:
+        parsed, _ = yaml_input.parse(value, "a --set value")
+    except RecipeError as err:
+        raise RecipeError("--set", f"{key}: the value '{value}' is {err.message}") from None
+    return parts, parsed
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | list[str]) -> dict[str, Any]:
@@ -162,34 +167,12 @@ def _path(parts: list[str | int]) -> str:
     return out
 
 
-def _line_map(text: str) -> dict[str, int]:
-    """Key path → 1-based line, from the YAML node tree (safe_load keeps no positions)."""
-    lines: dict[str, int] = {}
-
-    def walk(node: yaml.Node, path: str) -> None:
-        lines.setdefault(path, node.start_mark.line + 1)
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                sub = join(path, str(key.value))
-                lines[sub] = key.start_mark.line + 1
-                walk(value, sub)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                walk(item, join(path, i))
-
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return {}
-    if root is not None:
-        walk(root, "")
-    return lines
-
-
 def _locate(err: RecipeError, lines: dict[str, int]) -> None:
+    """The line of the error's key path, or of its nearest enclosing key that has one."""
     path = err.path
     while path and path not in lines:
-        path = re.sub(r"(\.[^.\[\]]+|\[\d+\])$", "", path)
+        shorter = re.sub(r"(\.[^.\[\]]*|\[\d+\]|^[^.\[\]]*)$", "", path)
+        path = shorter if shorter != path else ""
     err.line = lines.get(path)
 
 
@@ -198,15 +181,16 @@ def load(path: str | Path, overrides: dict[str, Any] | list[str] | None = None) 
     path = Path(path)
     if not path.is_file():
         raise RecipeError("", f"no recipe file at '{path}'", source=str(path))
-    text = path.read_text()
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        raise RecipeError(
-            "", f"not valid YAML: {getattr(err, 'problem', err)}", mark.line + 1 if mark else None, str(path)
-        ) from None
-    return from_raw(data, overrides, source=str(path), lines=_line_map(text))
+        text = path.read_bytes().decode("utf-8")
+        data, lines = yaml_input.parse(text)
+    except UnicodeDecodeError as err:
+        raise RecipeError("", f"not UTF-8 text (byte {err.start}): a recipe is a YAML text file",
+                          source=str(path)) from None
+    except RecipeError as err:
+        err.source = str(path)
+        raise
+    return from_raw(data, overrides, source=str(path), lines=lines)
 
 
 def from_raw(

@@ -1,0 +1,148 @@
+"""Hostile or broken recipe input: every document and --set validates or is one located RecipeError, fast.
+
+The cases that hung (an error path with no dot), blew up memory (an alias bomb) or raised a
+traceback (bad YAML in --set, non-string targets, deep nesting, non-UTF-8) before, plus a
+property-based fuzzer over mutations of the shipped recipes and random --set strings.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lowrank_kit.extension.manager import registry
+from lowrank_kit.recipe.loading import load
+from lowrank_kit.recipe.schema import RecipeError
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+BOUND_S = 5.0  # generous: a case that hangs or explodes takes minutes or forever
+registry()  # discovering the plugins (importing transformers) is a one-off cost, not the recipe's
+
+
+def outcome(path: Path, overrides: list[str] | None = None) -> RecipeError | None:
+    """None when the recipe validates; the RecipeError otherwise. Any other exception fails the test."""
+    start = time.perf_counter()
+    try:
+        load(path, overrides)
+        error = None
+    except RecipeError as err:
+        error = err
+    assert time.perf_counter() - start < BOUND_S
+    return error
+
+
+def write(tmp_path: Path, text: str | bytes, name: str = "r.yaml") -> Path:
+    path = tmp_path / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+def shipped(tmp_path: Path, edit) -> Path:
+    data = yaml.safe_load(RECIPES[0].read_text())
+    edit(data)
+    return write(tmp_path, yaml.safe_dump(data))
+
+
+@pytest.mark.parametrize("key", ["name", "model", "target", "transform"])
+def test_a_missing_top_level_key_is_located_not_a_hang(tmp_path: Path, key: str) -> None:
+    err = outcome(shipped(tmp_path, lambda d: d.pop(key)))
+    assert err is not None and f"missing required key '{key}'" in str(err)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("targt.ratio=0.3", "unknown key 'targt'; did you mean 'target'?"),
+    ("target.ratio", "expected key.path=value"),
+    ("target.ratio=[1", "not valid YAML"),
+    ("target.ratio=.nan", "target.ratio"),
+])
+def test_bad_overrides_are_one_line(tmp_path: Path, override: str, message: str) -> None:
+    err = outcome(RECIPES[0], [override])
+    assert err is not None and message in str(err) and "\n" not in str(err)
+
+
+def test_non_string_keys_and_targets(tmp_path: Path) -> None:
+    err = outcome(write(tmp_path, RECIPES[0].read_text() + "1: one\n"))
+    assert err is not None and "unknown key '1'" in str(err)
+    for bad in (None, 1):
+        err = outcome(shipped(tmp_path, lambda d, bad=bad: d["transform"][0].update(targets=[bad])))
+        assert err is not None and "expected a projection name" in str(err)
+
+
+def test_duplicate_keys_are_an_error_with_both_lines(tmp_path: Path) -> None:
+    text = RECIPES[0].read_text()
+    err = outcome(write(tmp_path, text + "name: again\n"))
+    assert err is not None and "key 'name' appears twice" in str(err)
+    assert err.line == len(text.splitlines()) + 1
+
+
+def test_alias_bomb_deep_nesting_size_and_encoding(tmp_path: Path) -> None:
+    bomb = ['a0: &a0 ["lol"]'] + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 8)]
+    err = outcome(write(tmp_path, "\n".join(bomb) + "\nname: *a7\n"))
+    assert err is not None and "YAML nodes" in str(err)
+    err = outcome(write(tmp_path, "name: " + "[" * 50_000 + "]" * 50_000 + "\n"))
+    assert err is not None and "nested" in str(err)
+    err = outcome(write(tmp_path, "name: x\n" + "# filler\n" * 200_000))
+    assert err is not None and "characters" in str(err)
+    err = outcome(write(tmp_path, b"name: caf\xe9\n"))
+    assert err is not None and "not UTF-8" in str(err)
+
+
+# The fuzzer: mutations of the shipped recipes (delete, retype, duplicate, nest) and random --set strings.
+VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
+                   st.text(max_size=12), st.lists(st.integers(), max_size=3), st.dictionaries(
+                       st.text(max_size=5), st.integers(), max_size=2))
+KEYS = st.sampled_from(["name", "model", "calibration", "target", "transform", "allocate", "score", "collect",
+                        "decode", "evaluate", "runtime", "output", "targt", "ratio", "plugin", "targets",
+                        "samples", "seed", "dataset", "path", "dir", "0", "[0]", ".", ""])
+
+
+def _paths(node, prefix=()):
+    yield prefix
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _paths(value, (*prefix, key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _paths(value, (*prefix, i))
+
+
+@settings(max_examples=700, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(recipe=st.sampled_from(RECIPES), seed=st.integers(0, 2**32), value=VALUES,
+       how=st.sampled_from(["replace", "delete", "wrap", "raw"]))
+def test_fuzzed_documents_validate_or_fail_cleanly(tmp_path: Path, recipe: Path, seed: int, value, how: str) -> None:
+    text = recipe.read_text()
+    if how == "raw":  # byte-level damage of the text itself
+        rng = random.Random(seed)
+        chars = list(text)
+        for _ in range(rng.randint(1, 4)):
+            at = rng.randrange(len(chars))
+            chars[at:at + rng.randint(0, 3)] = rng.choice(["", ":", "[", "]", "{", "&a", "*a", "- ", "\t", "\x00",
+                                                            "\n  ", "'"])
+        text = "".join(chars)
+    else:
+        data = yaml.safe_load(text)
+        paths = [p for p in _paths(data) if p]
+        path = random.Random(seed).choice(paths)
+        parent = data
+        for part in path[:-1]:
+            parent = parent[part]
+        if how == "delete":
+            del parent[path[-1]]
+        else:
+            parent[path[-1]] = value if how == "replace" else [parent[path[-1]], value]
+        text = yaml.safe_dump(data)
+    outcome(write(tmp_path, text, f"fuzz-{seed}.yaml"))
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(recipe=st.sampled_from(RECIPES), key=st.lists(KEYS, min_size=0, max_size=4),
+       sep=st.sampled_from(["=", "", "==", "=["]), value=st.text(max_size=16))
+def test_fuzzed_overrides_validate_or_fail_cleanly(recipe: Path, key: list[str], sep: str, value: str) -> None:
+    outcome(recipe, [".".join(key) + sep + value])
