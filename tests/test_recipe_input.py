@@ -146,3 +146,51 @@ def test_fuzzed_documents_validate_or_fail_cleanly(tmp_path: Path, recipe: Path,
        sep=st.sampled_from(["=", "", "==", "=["]), value=st.text(max_size=16))
 def test_fuzzed_overrides_validate_or_fail_cleanly(recipe: Path, key: list[str], sep: str, value: str) -> None:
     outcome(recipe, [".".join(key) + sep + value])
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("transform[1].ridge=.nan", "finite number"),
+    ("runtime.devices=0", "devices: must be at least 1"),
+    ("calibration.seed=18446744073709551616", "far too large"),
+    ("calibration.seed=-1", "seed: must lie in [0, 2**32)"),
+    ("calibration.samples=1000000000000000000", "far too large"),
+    ("calibration.samples=1000000", "beyond 100,000,000"),
+    ("runtime.accelerator=banana", "runtime.accelerator: 'banana' is not allowed"),
+    ("runtime.precision=17", "runtime.precision"),
+    ("output.dir='runs/{oops}'", "cannot be filled in"),
+    ("output.dir=''", "working directory or the filesystem root"),
+    ("output.dir=.", "working directory or the filesystem root"),
+    ("output.dir=/", "working directory or the filesystem root"),
+    ("transform=[]", "needs at least one transform"),
+    ("allocate={}", "expected a strategy name"),
+    ("allocate=0", "expected a strategy name"),
+    ("evaluate=false", "expected a list of evaluations"),
+])
+def test_values_are_checked_for_meaning(override: str, message: str) -> None:
+    path = Path(__file__).parent.parent / "recipes" / "flat_llm.yaml"
+    err = outcome(path, [override])
+    assert err is not None and message in str(err), str(err)
+
+
+def test_model_path_typos_and_our_own_outputs_fail_before_any_loading(tmp_path: Path) -> None:
+    from lowrank_kit.models.loading import load_model
+
+    with pytest.raises(RecipeError, match="did you mean 'smollm2-135m'"):
+        load_model("smollm2-135")
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "config.json").write_text('{"model_type": "llama", "lowrank": {"format": 2}}')
+    before = sorted((p.name, p.read_bytes()) for p in output.iterdir())
+    with pytest.raises(RecipeError, match="is a lowrank-kit output"):
+        load_model(str(output))
+    assert sorted((p.name, p.read_bytes()) for p in output.iterdir()) == before  # never modified
+
+
+def test_a_ratio_that_zeroes_every_module_is_refused(tmp_path: Path) -> None:
+    from conftest import ByteTokenizer, tiny_model, tiny_recipe
+
+    from lowrank_kit import compress
+
+    with pytest.raises(RecipeError, match=r"target\.ratio: 0\.999 leaves every compressed module at rank 0"):
+        compress(tiny_recipe(tmp_path, "svd", 0.999), model=tiny_model("llama"), tokenizer=ByteTokenizer(),
+                 progress=False)

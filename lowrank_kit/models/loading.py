@@ -4,8 +4,10 @@ local folders, GGUF files, and hub ids for users who are online.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +74,7 @@ def resolve(path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
     """(folder or hub id, gguf file) for a recipe's model.path."""
     alias = ALIASES.get(path)
     if alias is None:
+        _check_not_alias_typo_or_output(path)
         return path, gguf_file
     if gguf_file and gguf_file != alias.gguf_file:
         raise RecipeError("model.gguf_file", f"built-in model '{path}' has one file, {alias.gguf_file}; "
@@ -83,6 +86,29 @@ def resolve(path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
     if not (folder / alias.gguf_file).is_file():
         raise RecipeError("model.path", f"no {alias.gguf_file} in {folder}; reinstall with: {alias.install}")
     return str(folder), alias.gguf_file
+
+
+def _json_or_empty(file: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _check_not_alias_typo_or_output(path: str) -> None:
+    """Fail at once, before any hub lookup, on a misspelt alias or on one of our own output folders."""
+    folder = Path(path)
+    if folder.is_dir():
+        config = folder / "config.json"
+        if config.is_file() and "lowrank" in _json_or_empty(config):
+            raise RecipeError("model.path", f"'{path}' is a lowrank-kit output (its config has a lowrank section); "
+                              "load it with lowrank_kit.load_pretrained; recipes start from a dense model")
+        return
+    near = difflib.get_close_matches(path, ALIASES, n=1, cutoff=0.75)
+    if near and "/" not in path:
+        raise RecipeError("model.path", f"no model '{path}': not a folder or a built-in model; "
+                          f"did you mean '{near[0]}'?")
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

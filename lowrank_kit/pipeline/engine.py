@@ -13,6 +13,7 @@ import contextlib
 import copy
 import json
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from lowrank_kit.pipeline.cache import Cache, DenseStore, fingerprint
 from lowrank_kit.pipeline.callbacks import Callback, ProgressBar
 from lowrank_kit.pipeline.passes import LAYER_PASSES, PassContext, ScoringPass
 from lowrank_kit.pipeline.state import RunState
-from lowrank_kit.recipe.schema import to_dict
+from lowrank_kit.recipe.schema import RecipeError, to_dict
 from lowrank_kit.recipe.spec import Recipe
 from lowrank_kit.reporting import report
 
@@ -173,6 +174,13 @@ class Engine:
         run.plan = pm.hook.lowrank_allocate(run=run, units=run.units)
         if run.plan is None:
             raise RuntimeError(f"allocator '{run.recipe.allocate.plugin}' returned no plan")
+        zero = [u.name for u in run.units if run.plan.rank(u) == 0]
+        if zero and len(zero) == len(run.units):
+            raise RecipeError("target.ratio", f"{run.recipe.target.ratio:g} leaves every compressed module at rank "
+                                              "0 (a model that outputs nothing); lower the ratio")
+        if zero:
+            warnings.warn(f"target ratio {run.recipe.target.ratio:g} leaves {len(zero)} of {len(run.units)} units at "
+                          f"rank 0 (their modules output zeros), e.g. {', '.join(zero[:3])}", stacklevel=2)
 
     def _compress(self, run: RunState, pm: pluggy.PluginManager) -> None:
         """The recipe's layer pass (``calibration.pipeline``) over every decoder layer."""

@@ -56,18 +56,20 @@ def from_data(data: Any, source: str | None = None) -> Recipe:
     if not isinstance(data["name"], str):
         raise RecipeError("name", f"expected a string, got {data['name']!r}")
     sections = {key: from_dict(cls, data.get(key), key) for key, cls in SECTIONS.items()}
-    evaluate = data.get("evaluate") or []
+    evaluate = [] if data.get("evaluate") is None else data["evaluate"]
     if not isinstance(evaluate, list):
         raise RecipeError("evaluate", "expected a list of evaluations")
     transform = _strategy_list("transform", data["transform"], "transform")
+    if not transform:
+        raise RecipeError("transform", "needs at least one transform, e.g. [svd_llm]")
     _check_overlap(transform)
     recipe = Recipe(
         name=data["name"],
         transform=transform,
-        allocate=_strategy("allocate", data.get("allocate") or "uniform", "allocate"),
+        allocate=_strategy("allocate", "uniform" if data.get("allocate") is None else data["allocate"], "allocate"),
         collect=_strategy_list("collect", data.get("collect"), "collect"),
         score=_strategy_list("score", data.get("score"), "score"),
-        decode=_strategy("decode", data["decode"], "decode") if data.get("decode") else None,
+        decode=None if data.get("decode") is None else _strategy("decode", data["decode"], "decode"),
         evaluate=[from_dict(EvalSpec, e, join("evaluate", i)) for i, e in enumerate(evaluate)],
         source=source,
         **sections,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Iterable
@@ -37,6 +38,10 @@ def closest(name: str, choices: Iterable[str]) -> str:
     if match:
         return f"did you mean '{match[0]}'?"
     return "valid: " + ", ".join(choices) if choices else "nothing is valid here"
+
+
+# No setting of a recipe needs a number beyond 2**53 (exact in a float); larger ones are mistakes.
+LARGEST = 2**53
 
 
 def join(path: str, key: str | int) -> str:
@@ -100,10 +105,14 @@ def convert(value: Any, tp: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(path, f"expected a number, got {value!r}")
+        if not math.isfinite(value) or abs(value) > LARGEST:
+            raise RecipeError(path, f"expected a finite number of sane size, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise RecipeError(path, f"expected an integer, got {value!r}")
+        if abs(value) > LARGEST:
+            raise RecipeError(path, f"{value} is far too large for this setting")
         return value
     if tp is bool:
         if not isinstance(value, bool):

@@ -46,6 +46,12 @@ class DataSpec:
         for key in ("samples", "seq_len", "batch_size"):
             if getattr(self, key) < 1:
                 raise RecipeError(join(path, key), f"must be at least 1, got {getattr(self, key)}")
+        if self.samples * self.seq_len > MAX_CALIBRATION_TOKENS:
+            raise RecipeError(join(path, "samples"), f"{self.samples}×{self.seq_len} tokens is beyond "
+                                                     f"{MAX_CALIBRATION_TOKENS:,}; FLAT-LLM calibrates 7B-70B models "
+                                                     "on 256×4096")
+        if not 0 <= self.seed < 2**32:
+            raise RecipeError(join(path, "seed"), f"must lie in [0, 2**32), got {self.seed}")
         if self.sequential is not None:
             implied = "sequential" if self.sequential else "dense_input"
             if self.pipeline not in (None, implied):
@@ -53,6 +59,10 @@ class DataSpec:
                                                             "keep pipeline only")
             self.pipeline, self.sequential = implied, None  # translated: the resolved recipe names the pipeline
         self.pipeline = self.pipeline or "sequential"
+
+
+# A bound far above any real calibration set (FLAT-LLM's 256×4096 is about a million tokens).
+MAX_CALIBRATION_TOKENS = 100_000_000
 
 
 @dataclass
@@ -96,13 +106,17 @@ class EvalSpec:
 
 @dataclass
 class RuntimeSpec:
-    accelerator: str = _help("Lightning Fabric accelerator: auto, cpu, cuda, mps", default="auto")
+    accelerator: Literal["auto", "cpu", "cuda", "gpu", "mps", "tpu"] = _help(
+        "Lightning Fabric accelerator", default="auto")
     devices: int = _help("devices for data-parallel calibration", default=1)
-    precision: str = _help("Fabric precision of calibration forwards (statistics stay float64)", default="32-true")
+    precision: Literal["32-true", "32", "64-true", "64", "16-mixed", "bf16-mixed", "16-true", "bf16-true"] = _help(
+        "Fabric precision of calibration forwards (statistics stay float64)", default="32-true")
     backward_chunk: int = _help("windows per backward pass when scoring needs gradients (memory bound); "
                                 "a batch's gradient is accumulated over its chunks", default=1)
 
     def check(self, path: str) -> None:
+        if self.devices < 1:
+            raise RecipeError(join(path, "devices"), f"must be at least 1, got {self.devices}")
         if self.backward_chunk < 1:
             raise RecipeError(join(path, "backward_chunk"), f"must be at least 1, got {self.backward_chunk}")
 
@@ -114,6 +128,16 @@ class OutputSpec:
     overwrite: bool = _help("replace an existing output folder", default=False)
     cache_dir: str | None = _help("folder of cached scores and dense evaluations shared by runs; null: no cache",
                                   default="runs/.cache")
+
+    def check(self, path: str) -> None:
+        try:
+            folder = self.dir.format(name="name", ratio="0.2")
+        except (KeyError, IndexError, ValueError) as err:
+            raise RecipeError(join(path, "dir"), f"'{self.dir}' cannot be filled in ({type(err).__name__}: {err}); "
+                                                 "only {name} and {ratio} are known") from None
+        if not folder.strip() or Path(folder).resolve() in (Path.cwd().resolve(), Path(Path.cwd().anchor)):
+            raise RecipeError(join(path, "dir"), f"'{self.dir}' is the working directory or the filesystem root; "
+                                                 "name a folder of its own, e.g. runs/{name}-{ratio}")
 
 
 @dataclass
