@@ -194,3 +194,43 @@ def test_a_ratio_that_zeroes_every_module_is_refused(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match=r"target\.ratio: 0\.999 leaves every compressed module at rank 0"):
         compress(tiny_recipe(tmp_path, "svd", 0.999), model=tiny_model("llama"), tokenizer=ByteTokenizer(),
                  progress=False)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"", "holds no text"),
+    (b"Too short.", "fewer than one window"),
+    (bytes(range(256)) * 64, "cannot read"),
+])
+def test_bad_calibration_data_fails_before_the_dense_evaluation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               content: bytes, message: str) -> None:
+    from conftest import ByteTokenizer, tiny_model, tiny_recipe
+
+    from lowrank_kit import compress
+    from lowrank_kit.pipeline.engine import Engine
+
+    monkeypatch.setattr(Engine, "_dense_evaluations", lambda *_: pytest.fail("evaluated before reading the data"))
+    data = tmp_path / f"calibration-{len(content)}.txt"
+    data.write_bytes(content)
+    recipe = tiny_recipe(tmp_path, calibration={**tiny_recipe(tmp_path)["calibration"], "dataset": str(data)})
+    with pytest.raises(RecipeError, match=rf"calibration\.dataset: .*{message}"):
+        compress(recipe, model=tiny_model("llama"), tokenizer=ByteTokenizer(), progress=False)
+
+
+def test_an_unwritable_output_folder_fails_before_any_work(tmp_path: Path) -> None:
+    import os
+
+    from conftest import ByteTokenizer, tiny_model, tiny_recipe
+
+    from lowrank_kit import compress
+
+    if os.geteuid() == 0:  # root writes anywhere; a file in the way stands in for a read-only folder
+        blocker = tmp_path / "blocker"
+        blocker.write_text("not a folder")
+        target = blocker / "out"
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        target = locked / "out"
+    recipe = tiny_recipe(tmp_path, output={"dir": str(target), "cache_dir": None})
+    with pytest.raises(RecipeError, match="output.dir: cannot write"):
+        compress(recipe, model=tiny_model("llama"), tokenizer=ByteTokenizer(), progress=False)

@@ -33,7 +33,9 @@ MARKERS = ("report.json", "recipe.yaml")  # files that identify a folder as one 
 
 
 def check_output_dir(folder: Path, overwrite: bool) -> None:
-    """Refuse to write over anything the user did not ask us to replace; checked before any work."""
+    """Refuse to write over anything the user did not ask us to replace, or where we cannot write;
+    checked before any work, so no compute is lost to it."""
+    _check_writable(folder)
     if not folder.exists():
         return
     if not folder.is_dir():
@@ -44,6 +46,13 @@ def check_output_dir(folder: Path, overwrite: bool) -> None:
         raise RecipeError("output.dir", f"'{folder}' already exists; pass --overwrite or choose another output.dir")
     if not any((folder / m).exists() for m in MARKERS):
         raise RecipeError("output.dir", f"'{folder}' is not a lowrank-kit output folder; it is never overwritten")
+
+
+def _check_writable(folder: Path) -> None:
+    """The nearest existing folder at or above ``folder`` must accept a new file."""
+    existing = folder if folder.is_dir() else next((p for p in folder.absolute().parents if p.exists()), None)
+    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise RecipeError("output.dir", f"cannot write '{folder}': '{existing}' is not a writable folder")
 
 
 def count_params(model: nn.Module) -> int:

@@ -23,7 +23,7 @@ import pluggy
 import torch
 from lightning.fabric import Fabric
 
-from lowrank_kit.data.texts import calibration_windows, load_text, tokenize
+from lowrank_kit.data.texts import calibration_windows, is_json, load_text, tokenize
 from lowrank_kit.evaluation.metrics import DECODE_INDEPENDENT, evaluate
 from lowrank_kit.extension.manager import run_manager
 from lowrank_kit.models.adapters import adapter_for
@@ -105,10 +105,10 @@ class Engine:
             run, pm = self._load(model, tokenizer)
             dense_params = io.count_params(run.model)
             evaluations: dict[str, list[dict[str, Any]]] = {"dense": [], "compressed": []}
+            with self.phase("calibration data"):  # before the dense evaluations: bad data must not wait for them
+                self._calibration_data(run)
             with self.phase("evaluate dense"):
                 evaluations["dense"] = self._dense_evaluations(run)
-            with self.phase("calibration data"):
-                self._calibration_data(run)
             run.units = [u for units in pm.hook.lowrank_units(run=run) for u in units]
             if self.recipe.score:
                 with self.phase("score"):
@@ -163,12 +163,18 @@ class Engine:
         return self._finish(run, pm, evaluations, earlier.dense_params, known)
 
     def _calibration_data(self, run: RunState) -> None:
-        """This process's shard of the seeded calibration windows."""
+        """This process's shard of the seeded calibration windows; every dataset of the recipe is read here."""
         calibration, fabric = run.recipe.calibration, run.fabric
-        ids = tokenize(run.tokenizer, load_text(calibration.dataset, "calibration", calibration.text_field))
-        windows = calibration_windows(ids, run.tokenizer, calibration.samples, calibration.seq_len,
-                                      calibration.seed, run.adapter.needs_bos)
+        ids = tokenize(run.tokenizer, _read_text(calibration.dataset, "calibration", calibration.text_field))
+        try:
+            windows = calibration_windows(ids, run.tokenizer, calibration.samples, calibration.seq_len,
+                                          calibration.seed, run.adapter.needs_bos)
+        except ValueError as err:
+            raise RecipeError("calibration.dataset", f"'{calibration.dataset}': {err}") from None
         run.calibration = windows[fabric.global_rank :: fabric.world_size]
+        for i, spec in enumerate(run.recipe.evaluate):
+            if not is_json(spec.dataset):  # JSONL prompts are read by their metric, with their own fields
+                _read_text(spec.dataset, "evaluation", spec.text_field, f"evaluate[{i}].dataset")
 
     def _allocate(self, run: RunState, pm: pluggy.PluginManager) -> None:
         run.plan = pm.hook.lowrank_allocate(run=run, units=run.units)
@@ -260,6 +266,19 @@ class Engine:
         """What makes two runs' calibration forwards of the dense model identical."""
         return {"model": self._dense_fingerprint(run), "calibration": run.recipe.calibration_data(),
                 "world_size": run.fabric.world_size, "precision": run.recipe.runtime.precision}
+
+def _read_text(name: str, purpose: str, text_field: str, key: str = "calibration.dataset") -> str:
+    """A dataset's text, or a located error when it cannot be read or holds none."""
+    try:
+        text = load_text(name, purpose, text_field)
+    except RecipeError:
+        raise
+    except Exception as err:  # datasets raises many kinds for unreadable files
+        raise RecipeError(key, f"cannot read '{name}' as text ({type(err).__name__}: {err})") from None
+    if not text.strip():
+        raise RecipeError(key, f"'{name}' holds no text")
+    return text
+
 
 def same_compression(a: Recipe, b: Recipe) -> bool:
     """Whether two recipes compress identically (they may differ in decode, name and output)."""
