@@ -232,5 +232,5 @@ def test_an_unwritable_output_folder_fails_before_any_work(tmp_path: Path) -> No
         locked.mkdir(mode=0o500)
         target = locked / "out"
     recipe = tiny_recipe(tmp_path, output={"dir": str(target), "cache_dir": None})
-    with pytest.raises(RecipeError, match="output.dir: cannot write"):
+    with pytest.raises(RecipeError, match=r"output\.dir: cannot write"):
         compress(recipe, model=tiny_model("llama"), tokenizer=ByteTokenizer(), progress=False)
