@@ -12,6 +12,7 @@ import yaml
 
 from lowrank_kit.extension.manager import registry
 from lowrank_kit.extension.strategy import HOOK_POINTS
+from lowrank_kit.pipeline.errors import summary
 from lowrank_kit.recipe.schema import RecipeError, describe_fields
 
 
@@ -101,6 +102,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowrank-kit", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of a failed run")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("compress", help="compress a model as a recipe says")
     _recipe_args(p)
@@ -144,6 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: nothing was written to the output folder", file=sys.stderr)
         return 130
+    except Exception as err:  # a failed run: one line, the traceback in a file (or with --debug)
+        if args.debug:
+            raise
+        line, log = summary(err)
+        print(f"error: {line}", file=sys.stderr)
+        print(f"the full traceback is in {log}" if log else "rerun with --debug for the traceback", file=sys.stderr)
+        return 1
 
 
 def entry(argv: Any = None) -> None:

@@ -225,3 +225,56 @@ def test_an_error_reaches_the_callbacks_and_closes_its_phase(tmp_path: Path, mon
         compress(tiny_recipe(tmp_path), model=tiny_model("llama"), tokenizer=ByteTokenizer(), progress=False,
                  callbacks=[Recorder()])
     assert events[-2:] == ["end compress", "error boom"]
+
+
+def test_a_damaged_weight_is_named_before_any_decomposition(tmp_path: Path) -> None:
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"decoder layer 1: weight 'mlp\.down_proj\.weight' holds NaN") as caught:
+        compress(tiny_recipe(tmp_path, "svd_llm", 0.3), model=model, tokenizer=ByteTokenizer(), progress=False)
+    assert caught.value.lowrank_summary.startswith("compress failed at decoder layer 1: ValueError")
+
+
+def test_a_failing_strategy_is_named_and_its_traceback_logged(tmp_path: Path) -> None:
+    from lowrank_kit.pipeline.errors import summary
+
+    class Exploding(Strategy):
+        name, point, description = "exploding", "collect", "test"
+
+        @hookimpl
+        def lowrank_collect_layer(self, run, tap, layer):
+            if layer == 2:
+                raise KeyError("no such module")
+
+    registry().add(Exploding)
+    try:
+        with pytest.raises(KeyError) as caught:
+            compress(tiny_recipe(tmp_path, collect=["exploding"]), model=tiny_model("llama"),
+                     tokenizer=ByteTokenizer(), progress=False)
+    finally:
+        registry.cache_clear()
+    line, log = summary(caught.value)
+    assert line == ("compress failed in collect strategy 'exploding' (lowrank_collect_layer) at decoder layer 2: "
+                    "KeyError: 'no such module'")
+    assert log is not None and log.parent == (tmp_path / "out").parent and "raise KeyError" in log.read_text()
+
+
+def test_the_cli_reports_a_failed_run_in_two_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from lowrank_kit import api, cli
+    from lowrank_kit.pipeline.errors import annotate
+
+    def failing(*_args, **_kwargs):
+        err = RuntimeError("boom")
+        annotate(err, "compress failed at decoder layer 4: RuntimeError: boom", tmp_path / "x.log")
+        raise err
+
+    monkeypatch.setattr(api, "compress", failing)
+    recipe = Path(__file__).parent.parent / "recipes" / "svd.yaml"
+    assert cli.main(["compress", str(recipe)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: compress failed at decoder layer 4: RuntimeError: boom",
+                   f"the full traceback is in {tmp_path / 'x.log'}"]
+    with pytest.raises(RuntimeError, match="boom"):
+        cli.main(["--debug", "compress", str(recipe)])

@@ -31,6 +31,7 @@ from lowrank_kit.models.loading import load_model
 from lowrank_kit.persistence import saving as io
 from lowrank_kit.pipeline.cache import Cache, DenseStore, fingerprint
 from lowrank_kit.pipeline.callbacks import Callback, ProgressBar
+from lowrank_kit.pipeline.errors import annotate, describe, write_log
 from lowrank_kit.pipeline.passes import LAYER_PASSES, PassContext, ScoringPass
 from lowrank_kit.pipeline.state import RunState
 from lowrank_kit.recipe.schema import RecipeError, to_dict
@@ -62,8 +63,12 @@ class Engine:
         self.overwrite = overwrite or recipe.output.overwrite
         self.timings: dict[str, float] = {}
         self.run_state: RunState | None = None
+        self.current_phase: str | None = None  # where an error happened, for its message
+        self.current_layer: int | None = None
 
     def _emit(self, event: str, *args: Any) -> None:
+        if event in ("on_layer_start", "on_layer_end"):
+            self.current_layer = args[0] if event == "on_layer_start" else None
         for callback in self.callbacks:
             getattr(callback, event)(self.run_state, *args)
 
@@ -72,8 +77,10 @@ class Engine:
         """Time a phase; its end event is sent even when it fails (before the error reaches ``on_exception``)."""
         self._emit("on_phase_start", name)
         start = time.perf_counter()
+        self.current_phase = name
         try:
             yield
+            self.current_phase = None
         finally:
             seconds = time.perf_counter() - start
             self.timings[name] = self.timings.get(name, 0.0) + seconds
@@ -120,6 +127,9 @@ class Engine:
             return self._finish(run, pm, evaluations, dense_params)
         except BaseException as err:
             self._emit("on_exception", err)
+            if not isinstance(err, (RecipeError, KeyboardInterrupt, SystemExit)) and not hasattr(err, "lowrank_log"):
+                annotate(err, describe(err, self.current_phase, self.current_layer),
+                         write_log(err, self.recipe.output_dir().parent, self.recipe.name))
             raise
 
     def _load(self, model: Any, tokenizer: Any) -> tuple[RunState, pluggy.PluginManager]:

@@ -106,6 +106,7 @@ class LayerPass:
             ctx.emit("on_layer_start", index)
             tap = self.collect(index)
             gathered = self.gather(index, tap)
+            _check_finite(run, index, gathered)
             run.stats.update(gathered)
             ctx.pm.hook.lowrank_transform(run=run, layer=index)
             for key in gathered:  # a layer's statistics are not needed once it is compressed
@@ -216,6 +217,18 @@ class DenseInputPass(LayerPass):
 
 # calibration.pipeline → the layer pass it names (recipe.spec's DataSpec lists the same names).
 LAYER_PASSES: dict[str, type[LayerPass]] = {cls.name: cls for cls in (SequentialPass, DenseInputPass)}
+
+
+def _check_finite(run: RunState, index: int, stats: dict[str, Statistic]) -> None:
+    """Name the layer and module before a decomposition trips over a NaN or an infinity."""
+    for name, param in run.adapter.layers[index].named_parameters():
+        if not torch.isfinite(param).all():
+            raise ValueError(f"decoder layer {index}: weight '{name}' holds NaN or infinite values; the "
+                             "checkpoint is damaged or was loaded in a dtype too narrow for it")
+    for key, stat in stats.items():
+        if any(not torch.isfinite(t).all() for t in stat.sums().values()):
+            raise ValueError(f"decoder layer {index}: statistic '{key}' holds NaN or infinite values "
+                             "(activations overflowed; try runtime.precision: 32-true)")
 
 
 @contextlib.contextmanager
