@@ -64,13 +64,15 @@ def test_third_party_plugin_installs_and_runs_from_a_recipe(tmp_path: Path) -> N
     assert "split_budget" in listing.stdout and "attention_keep: float = 0.9" in listing.stdout
 
 
-def test_a_broken_plugin_warns_instead_of_crashing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("body", ["raise ImportError('missing dependency xyz')",
+                                  "import sys; sys.exit('missing dependency xyz')"])
+def test_a_broken_plugin_warns_instead_of_crashing(tmp_path: Path, body: str) -> None:
     site = tmp_path / "site"
     dist = site / "broken_plugin-0.1.dist-info"
     dist.mkdir(parents=True)
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text("[lowrank_kit]\nbroken = broken_plugin_module\n")
-    (site / "broken_plugin_module.py").write_text("raise ImportError('missing dependency xyz')\n")
+    (site / "broken_plugin_module.py").write_text(body + "\n")
     proc = subprocess.run([sys.executable, "-m", "lowrank_kit.cli", "plugins"], capture_output=True, text=True,
                           timeout=120, env={**os.environ, "PYTHONPATH": str(site)})
     assert proc.returncode == 0

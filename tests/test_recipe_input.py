@@ -165,6 +165,7 @@ def test_fuzzed_overrides_validate_or_fail_cleanly(recipe: Path, key: list[str],
     ("allocate={}", "expected a strategy name"),
     ("allocate=0", "expected a strategy name"),
     ("evaluate=false", "expected a list of evaluations"),
+    ("calibration.dataset=" + "x" * 300 + ".txt", "not a usable file name"),
 ])
 def test_values_are_checked_for_meaning(override: str, message: str) -> None:
     path = Path(__file__).parent.parent / "recipes" / "flat_llm.yaml"

@@ -34,7 +34,11 @@ def check_name(name: str, path: str) -> None:
         return
     suffix = Path(name).suffix.lower()
     if suffix in LOCAL_SUFFIXES:
-        if not Path(name).is_file():
+        try:
+            found = Path(name).is_file()
+        except OSError as err:  # e.g. a name longer than the filesystem allows
+            raise RecipeError(path, f"not a usable file name ({err.strerror or err})") from None
+        if not found:
             raise RecipeError(path, f"no file at '{name}'")
         return
     raise RecipeError(

@@ -48,13 +48,15 @@ def registry() -> StrategyRegistry:
     for ep in entry_points(group=hookspecs.PROJECT):
         try:
             pm.register(ep.load(), name=ep.name)
-        except Exception as err:  # a third-party plugin must not break every run
-            warnings.warn(f"lowrank_kit plugin '{ep.name}' ({ep.value}) failed to load: {err}", stacklevel=2)
+        except (Exception, SystemExit) as err:  # a third-party plugin must not break every run, even by exiting
+            warnings.warn(f"lowrank_kit plugin '{ep.name}' ({ep.value}) failed to load: "
+                          f"{type(err).__name__}: {err}", stacklevel=2)
     for impl in pm.hook.lowrank_register.get_hookimpls():
         try:
             impl.function(registry=reg)
-        except Exception as err:
-            warnings.warn(f"lowrank_kit plugin '{impl.plugin_name}' failed to register: {err}", stacklevel=2)
+        except (Exception, SystemExit) as err:
+            warnings.warn(f"lowrank_kit plugin '{impl.plugin_name}' failed to register: "
+                          f"{type(err).__name__}: {err}", stacklevel=2)
     for cls in reg.all():
         names = unknown_hooks(cls)
         if names:
