@@ -278,3 +278,14 @@ def test_the_cli_reports_a_failed_run_in_two_lines(tmp_path: Path, monkeypatch: 
                    f"the full traceback is in {tmp_path / 'x.log'}"]
     with pytest.raises(RuntimeError, match="boom"):
         cli.main(["--debug", "compress", str(recipe)])
+
+
+@pytest.mark.parametrize("damage", ["truncate", "header"])
+def test_a_damaged_weights_file_is_named_on_load(tmp_path: Path, damage: str) -> None:
+    result = compress(tiny_recipe(tmp_path, "svd", 0.3, evaluate=[]), model=tiny_model("llama"),
+                      tokenizer=ByteTokenizer(), progress=False)
+    weights = result.output_dir / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\xff" * 8 + data[8:])
+    with pytest.raises(ValueError, match="is damaged or truncated"):
+        load_pretrained(result.output_dir)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -160,7 +161,10 @@ def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> A
     for name, spec in lowrank["modules"].items():
         _set_module(model, name, build_module(spec, model.get_submodule(name)).to(dtype))
     model.tie_weights()
-    missing, unexpected = load_model(model, str(folder / WEIGHTS), strict=True)
+    try:
+        missing, unexpected = load_model(model, str(folder / WEIGHTS), strict=True)
+    except SafetensorError as err:  # a cut or garbled file
+        raise ValueError(f"'{folder / WEIGHTS}' is damaged or truncated ({err}); copy or compress it again") from None
     if missing or unexpected:
         raise ValueError(f"weights do not match the rebuilt model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if lowrank.get("decode"):
