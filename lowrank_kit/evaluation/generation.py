@@ -69,15 +69,16 @@ class GenerationMeter:
         forwards, decodes, cached = self._call_forwards, self._call_decodes, self._call_cached
         self._call_forwards = self._call_decodes = 0
         self._call_cached = False
-        if decodes or new_tokens <= 1:
-            if not decodes and self.decode_tokens == 0:
-                self.note = "no decode step: every continuation ended after its first token"
-            return
-        if cached:
-            raise hf_compat.UnsupportedTransformers(
-                f"the KV cache stayed empty through {forwards} forwards of generate: a module ignored it, so the "
-                f"continuations are garbage; {hf_compat.version_note()}")
-        self.note = "generate ran without a KV cache (use_cache is off), so no forward was a decode step"
+        if not decodes and new_tokens > 1:
+            if cached:
+                raise hf_compat.UnsupportedTransformers(
+                    f"the KV cache stayed empty through {forwards} forwards of generate: a module ignored it, so the "
+                    f"continuations are garbage; {hf_compat.version_note()}")
+            reason = "generate ran without a KV cache (use_cache is off), so no forward was a decode step"
+        else:
+            reason = "no decode step: every continuation ended after its first token"
+        # Why decode speed is missing, only while no decode step has been timed at all.
+        self.note = None if self.decode_tokens else reason
 
     def remove(self) -> None:
         for handle in self._handles:
