@@ -9,7 +9,7 @@ from lowrank_kit.pipeline.engine import Engine, Result
 from lowrank_kit.recipe.loading import from_raw, load
 from lowrank_kit.recipe.spec import Recipe
 
-RUN_OPTIONS = ("overwrite", "progress", "callbacks", "model", "tokenizer")
+RUN_OPTIONS = ("overwrite", "progress", "callbacks", "model", "tokenizer", "resume", "checkpoint")
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
@@ -48,11 +48,14 @@ def compress(recipe: str | Path | dict[str, Any] | Recipe, overrides: dict[str, 
              **kwargs: Any) -> Result:
     """Compress as the recipe says; returns the model, tokenizer, report and output folder.
 
-    Run options (``overwrite``, ``progress``, ``callbacks``, and ``model``/``tokenizer`` to use
-    an already-loaded model) are taken out of ``kwargs``; the rest override recipe sections.
+    Run options (``overwrite``, ``progress``, ``callbacks``, ``model``/``tokenizer`` to use an
+    already-loaded model, ``resume`` to continue a crashed run from its last finished layer,
+    ``checkpoint=False`` not to record finished layers) are taken out of ``kwargs``; the rest
+    override recipe sections.
     """
     options = {key: kwargs.pop(key) for key in RUN_OPTIONS if key in kwargs}
     resolved = resolve_recipe(recipe, overrides, **kwargs)
     engine = Engine(resolved, callbacks=options.get("callbacks"), overwrite=options.get("overwrite", False),
-                    progress=options.get("progress", True))
+                    progress=options.get("progress", True), resume=options.get("resume", False),
+                    checkpoint=options.get("checkpoint", True))
     return engine.run(model=options.get("model"), tokenizer=options.get("tokenizer"))

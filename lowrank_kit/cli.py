@@ -29,7 +29,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.output:
         overrides.append(f"output.dir={args.output}")
-    result = compress(args.recipe, overrides, overwrite=args.overwrite, progress=not args.quiet)
+    result = compress(args.recipe, overrides, overwrite=args.overwrite, progress=not args.quiet, resume=args.resume)
     text = markdown(result.report)
     print(text.split("## Kept rank per module")[0].rstrip())
     if result.output_dir is not None:
@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="output folder (same as --set output.dir=...)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder of ours")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--resume", action="store_true",
+                   help="continue this recipe's run that crashed or was killed, from its last finished layer")
     p.set_defaults(func=cmd_compress)
     p = sub.add_parser("validate", help="check a recipe without loading any model")
     _recipe_args(p)
@@ -143,8 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, NotADirectoryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written to the output folder", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        line, _ = summary(err)
+        print(f"{line if hasattr(err, 'lowrank_summary') else 'interrupted'}: "
+              f"{getattr(err, 'lowrank_hint', None) or 'nothing was written to the output folder'}", file=sys.stderr)
         return 130
     except Exception as err:  # a failed run: one line, the traceback in a file (or with --debug)
         if args.debug:
@@ -152,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         line, log = summary(err)
         print(f"error: {line}", file=sys.stderr)
         print(f"the full traceback is in {log}" if log else "rerun with --debug for the traceback", file=sys.stderr)
+        hint = getattr(err, "lowrank_hint", None)
+        if hint:
+            print(hint, file=sys.stderr)
         return 1
 
 

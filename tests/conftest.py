@@ -95,3 +95,15 @@ def tiny_recipe(tmp_path: Path, plugin: str = "svd_llm", ratio: float = 0.3, **e
 def sample_ids(n: int = 2, length: int = 48, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (n, length), generator=generator)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The recipe fuzzer's counts, when it ran (tests/test_recipe_input.py)."""
+    import sys
+
+    module = sys.modules.get("test_recipe_input")
+    stats = getattr(module, "FUZZ_STATS", None)
+    if stats and stats["cases"]:
+        terminalreporter.write_line(
+            f"recipe fuzzer through `lowrank-kit validate`: {stats['cases']} cases, exit 0: {stats['exit 0']}, "
+            f"exit 2: {stats['exit 2']}, tracebacks 0, slowest {stats['slowest_s']:.3f} s ({stats['slowest']})")

@@ -10,6 +10,7 @@ from typing import ClassVar
 
 import pytest
 import torch
+import yaml
 from conftest import ByteTokenizer, sample_ids, tiny_model, tiny_recipe
 
 from lowrank_kit import Strategy, compress, hookimpl, load_pretrained
@@ -83,7 +84,7 @@ def test_existing_output_needs_overwrite(tmp_path: Path) -> None:
         compress(recipe, model=tiny_model("llama"), tokenizer=ByteTokenizer(), progress=False)
     result = compress(recipe, model=tiny_model("llama"), tokenizer=ByteTokenizer(), progress=False, overwrite=True)
     assert (result.output_dir / "report.json").is_file()
-    assert not list(tmp_path.glob(".out.partial-*"))
+    assert not list(tmp_path.glob(".out.partial*"))
 
 
 class LayerInputWatcher(Strategy):
@@ -289,3 +290,20 @@ def test_a_damaged_weights_file_is_named_on_load(tmp_path: Path, damage: str) ->
     weights.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\xff" * 8 + data[8:])
     with pytest.raises(ValueError, match="is damaged or truncated"):
         load_pretrained(result.output_dir)
+
+
+def test_our_output_given_as_the_model_is_refused_and_never_modified(tmp_path: Path, capsys) -> None:
+    from lowrank_kit.cli import main
+
+    saved = compress(tiny_recipe(tmp_path, "svd_llm", 0.3), model=tiny_model("llama"), tokenizer=ByteTokenizer(),
+                     progress=False).output_dir
+    before = digest(saved)
+    raw = tiny_recipe(tmp_path, "svd_llm", 0.3, model={"path": str(saved)})
+    for out in (saved, tmp_path / "again"):  # over itself (the case that destroyed it), and elsewhere
+        raw["output"]["dir"] = str(out)
+        path = tmp_path / "recipe.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        assert main(["compress", str(path), "--overwrite", "--quiet"]) == 2
+        assert "is a lowrank-kit output" in capsys.readouterr().err
+        assert digest(saved) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no partial folder left

@@ -7,6 +7,8 @@ property-based fuzzer over mutations of the shipped recipes and random --set str
 
 from __future__ import annotations
 
+import contextlib
+import io
 import random
 import time
 from pathlib import Path
@@ -16,6 +18,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lowrank_kit.cli import main
 from lowrank_kit.extension.manager import registry
 from lowrank_kit.recipe.loading import load
 from lowrank_kit.recipe.schema import RecipeError
@@ -35,6 +38,33 @@ def outcome(path: Path, overrides: list[str] | None = None) -> RecipeError | Non
         error = err
     assert time.perf_counter() - start < BOUND_S
     return error
+
+
+CLI_BOUND_S = 1.0
+FUZZ_STATS: dict[str, object] = {"cases": 0, "exit 0": 0, "exit 2": 0, "slowest_s": 0.0, "slowest": ""}
+
+
+def cli_outcome(path: Path, overrides: list[str] | None = None) -> int:
+    """``lowrank-kit validate`` in this process: exit 0 or 2, no traceback, within a second."""
+    argv = ["validate", str(path), *(f"--set={o}" for o in overrides or [])]
+    out, err = io.StringIO(), io.StringIO()
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as stop:  # argparse's own usage errors
+            code = stop.code if isinstance(stop.code, int) else 2
+    seconds = time.perf_counter() - start
+    assert code in (0, 2), (argv, err.getvalue()[-2000:])
+    assert "Traceback" not in err.getvalue() + out.getvalue(), argv
+    if code == 2:
+        assert err.getvalue().startswith("error: ") or err.getvalue().startswith("usage: "), err.getvalue()[:500]
+    assert seconds < CLI_BOUND_S, (argv, seconds)
+    FUZZ_STATS["cases"] = int(FUZZ_STATS["cases"]) + 1
+    FUZZ_STATS[f"exit {code}"] = int(FUZZ_STATS[f"exit {code}"]) + 1
+    if seconds > float(FUZZ_STATS["slowest_s"]):
+        FUZZ_STATS["slowest_s"], FUZZ_STATS["slowest"] = seconds, " ".join(argv)[:160]
+    return code
 
 
 def write(tmp_path: Path, text: str | bytes, name: str = "r.yaml") -> Path:
@@ -138,14 +168,14 @@ def test_fuzzed_documents_validate_or_fail_cleanly(tmp_path: Path, recipe: Path,
         else:
             parent[path[-1]] = value if how == "replace" else [parent[path[-1]], value]
         text = yaml.safe_dump(data)
-    outcome(write(tmp_path, text, f"fuzz-{seed}.yaml"))
+    cli_outcome(write(tmp_path, text, f"fuzz-{seed}.yaml"))
 
 
 @settings(max_examples=400, deadline=None, derandomize=True)
 @given(recipe=st.sampled_from(RECIPES), key=st.lists(KEYS, min_size=0, max_size=4),
        sep=st.sampled_from(["=", "", "==", "=["]), value=st.text(max_size=16))
 def test_fuzzed_overrides_validate_or_fail_cleanly(recipe: Path, key: list[str], sep: str, value: str) -> None:
-    outcome(recipe, [".".join(key) + sep + value])
+    cli_outcome(recipe, [".".join(key) + sep + value])
 
 
 @pytest.mark.parametrize(("override", "message"), [

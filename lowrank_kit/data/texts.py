@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,10 @@ def calibration_windows(ids: torch.Tensor, tokenizer: Any, samples: int, seq_len
     length = seq_len - len(bos)
     if ids.numel() <= length:
         raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    if samples * length > ids.numel():
+        warnings.warn(f"calibration asks for {samples:,} windows of {seq_len} tokens but the text has only "
+                      f"{ids.numel():,} tokens: the windows overlap, so the calibration data repeats itself",
+                      stacklevel=2)
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - length, (samples,), generator=generator)
     rows = [torch.cat([torch.tensor(bos, dtype=torch.long), ids[s : s + length]]) for s in starts.tolist()]
@@ -123,6 +128,9 @@ def evaluation_windows(ids: torch.Tensor, tokenizer: Any, seq_len: int, max_toke
     count = min(max_tokens, ids.numel()) // length
     if count == 0:
         raise ValueError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    if max_tokens > ids.numel():
+        warnings.warn(f"evaluation asks for {max_tokens:,} tokens but the text has {ids.numel():,}: measured on "
+                      f"{count * length:,}", stacklevel=2)
     body = ids[: count * length].view(count, length)
     return torch.cat([torch.tensor(bos, dtype=torch.long).expand(count, len(bos)), body], dim=1)
 
@@ -144,6 +152,9 @@ def generation_prompts(tokenizer: Any, spec: Any, needs_bos: bool = False) -> tu
     first, last = ids.numel() // 2, ids.numel() - length - spec.new_tokens
     if last < first:
         raise ValueError(f"'{spec.dataset}' is too short for prompts of {spec.prompt_len} tokens")
+    if spec.prompts > last - first + 1:
+        warnings.warn(f"'{spec.dataset}' holds only {last - first + 1} distinct prompts of {spec.prompt_len} tokens "
+                      f"in its second half; {spec.prompts} asked for, some repeat", stacklevel=2)
     starts = torch.linspace(first, last, spec.prompts).long().tolist()
     prompts = [bos + ids[s : s + length].tolist() for s in starts]
     references = [tokenizer.decode(ids[s + length : s + length + spec.new_tokens].tolist()) for s in starts]
@@ -175,6 +186,9 @@ def lastword_examples(tokenizer: Any, spec: Any, needs_bos: bool = False) -> lis
     pairs = [pair for pair in map(_last_word, paragraphs) if pair is not None]
     if not pairs:
         raise ValueError(f"'{spec.dataset}' has no paragraph ending in a word")
+    if len(pairs) < spec.prompts:
+        warnings.warn(f"'{spec.dataset}' has {len(pairs)} usable paragraphs, fewer than the {spec.prompts} asked for: "
+                      f"measured on {len(pairs)}", stacklevel=2)
     if len(pairs) > spec.prompts:
         pairs = [pairs[i] for i in torch.linspace(0, len(pairs) - 1, spec.prompts).long().tolist()]
     bos = _bos(tokenizer, needs_bos)

@@ -249,7 +249,7 @@ def run_bench(recipes: list[str | Path], ratios: list[float], output: str | Path
                 report = json.loads(saved.read_text())
                 peak = report.get("bench_peak_rss_mb")
             else:
-                engine = Engine(recipe, progress=progress, overwrite=True, store=store)
+                engine = Engine(recipe, progress=progress, overwrite=True, store=store, checkpoint=False)
                 with PeakMemory() as memory:
                     if previous is not None and previous.run.recipe.decode is None and same_compression(
                             recipe, previous.run.recipe):

@@ -65,7 +65,7 @@ def module_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
     return {name: module.spec() for name, module in model.named_modules() if callable(getattr(module, "spec", None))}
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
@@ -83,23 +83,15 @@ def save_model_files(model: Any, tokenizer: Any, folder: Path, extra: dict[str, 
         tokenizer.save_pretrained(folder)
 
 
-def partial_dir(folder: Path) -> Path:
-    return folder.with_name(f".{folder.name}.partial-{os.getpid()}")
-
-
-def write_model(run: RunState, folder: Path) -> Path:
-    """Write the model files into a ``.partial`` folder beside the final one.
+def write_model(run: RunState, partial: Path) -> None:
+    """Write the model files into the run's private partial folder (``checkpoint.partial_dir``).
 
     An interrupted run leaves only that folder, never a half-written output.
     """
-    partial = partial_dir(folder)
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
+    partial.mkdir(parents=True, exist_ok=True)
     if run.recipe.output.save_model:
         extra = {"plan": run.plan.to_dict() if run.plan else None}
         save_model_files(run.model, run.tokenizer, partial, extra)
-    return partial
 
 
 def finish(run: RunState, partial: Path, folder: Path, report: dict[str, Any], overwrite: bool = False,
@@ -159,7 +151,7 @@ def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> A
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name, spec in lowrank["modules"].items():
-        _set_module(model, name, build_module(spec, model.get_submodule(name)).to(dtype))
+        set_module(model, name, build_module(spec, model.get_submodule(name)).to(dtype))
     model.tie_weights()
     try:
         missing, unexpected = load_model(model, str(folder / WEIGHTS), strict=True)

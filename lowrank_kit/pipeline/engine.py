@@ -1,8 +1,10 @@
 """The engine: orchestrates a run; the calibration passes themselves are ``pipeline.passes``.
 
-load → dense evaluations (cached) → calibration data → units → scoring pass (only if the
+load → calibration data → dense evaluations (cached) → units → scoring pass (only if the
 recipe scores anything; cached) → allocate → the recipe's layer pass → decode → evaluate →
 save → report, each an obvious method, each phase timed and announced to the callbacks.
+Every finished layer is checkpointed in the run's private partial folder, so a run that
+crashed or was killed continues from there with ``resume`` (``persistence.checkpoint``).
 Lightning Fabric places the model and data and runs calibration data-parallel when given
 several devices; statistics are summed across processes before any decomposition.
 """
@@ -29,9 +31,10 @@ from lowrank_kit.extension.manager import run_manager
 from lowrank_kit.models.adapters import adapter_for
 from lowrank_kit.models.loading import load_model
 from lowrank_kit.persistence import saving as io
+from lowrank_kit.persistence.checkpoint import Checkpoints
 from lowrank_kit.pipeline.cache import Cache, DenseStore, fingerprint
 from lowrank_kit.pipeline.callbacks import Callback, ProgressBar
-from lowrank_kit.pipeline.errors import annotate, describe, write_log
+from lowrank_kit.pipeline.errors import annotate, describe, interrupted, write_log
 from lowrank_kit.pipeline.passes import LAYER_PASSES, PassContext, ScoringPass
 from lowrank_kit.pipeline.state import RunState
 from lowrank_kit.recipe.schema import RecipeError, to_dict
@@ -56,8 +59,14 @@ class Result:
 
 class Engine:
     def __init__(self, recipe: Recipe, callbacks: list[Callback] | None = None, overwrite: bool = False,
-                 progress: bool = True, store: DenseStore | None = None):
+                 progress: bool = True, store: DenseStore | None = None, resume: bool = False,
+                 checkpoint: bool = True):
+        """``resume``: continue the unfinished run of this recipe found in its partial folder;
+        ``checkpoint``: record every finished layer there (off in a bench, which resumes by cell)."""
         self.recipe = recipe
+        self.resume = resume
+        self.checkpoint = checkpoint
+        self.checkpoints: Checkpoints | None = None
         self.store = store  # dense-model statistics and factorisations shared with other runs (a bench)
         self.callbacks = list(callbacks or []) + ([ProgressBar()] if progress else [])
         self.overwrite = overwrite or recipe.output.overwrite
@@ -87,7 +96,8 @@ class Engine:
             self._emit("on_phase_end", name, seconds)
 
     def _context(self, run: RunState, pm: pluggy.PluginManager) -> PassContext:
-        return PassContext(run=run, pm=pm, emit=self._emit, progress=self._progress)
+        return PassContext(run=run, pm=pm, emit=self._emit, progress=self._progress,
+                           checkpoints=self.checkpoints if self.checkpoint else None)
 
     def _progress(self, items: Iterable[T], total: int, label: str) -> Iterator[T]:
         """The run's ``Progress``: batches of a pass or an evaluation, announced to the callbacks."""
@@ -110,6 +120,8 @@ class Engine:
             if reuse is not None:
                 return self._reuse(reuse)
             run, pm = self._load(model, tokenizer)
+            assert self.checkpoints is not None
+            self.checkpoints.check_model(self._dense_fingerprint(run))
             dense_params = io.count_params(run.model)
             evaluations: dict[str, list[dict[str, Any]]] = {"dense": [], "compressed": []}
             with self.phase("calibration data"):  # before the dense evaluations: bad data must not wait for them
@@ -127,10 +139,21 @@ class Engine:
             return self._finish(run, pm, evaluations, dense_params)
         except BaseException as err:
             self._emit("on_exception", err)
-            if not isinstance(err, (RecipeError, KeyboardInterrupt, SystemExit)) and not hasattr(err, "lowrank_log"):
-                annotate(err, describe(err, self.current_phase, self.current_layer),
-                         write_log(err, self.recipe.output_dir().parent, self.recipe.name))
+            self._after_failure(err)
             raise
+
+    def _after_failure(self, err: BaseException) -> None:
+        """Describe the failure (one line, the traceback in a log) and say what it left behind."""
+        if self.checkpoints is not None:
+            self.checkpoints.discard_if_empty()
+            err.lowrank_hint = self.checkpoints.hint()  # type: ignore[attr-defined]
+        if hasattr(err, "lowrank_summary"):
+            return
+        if isinstance(err, KeyboardInterrupt):
+            annotate(err, interrupted(self.current_phase, self.current_layer), None)
+        elif not isinstance(err, (RecipeError, SystemExit)):
+            annotate(err, describe(err, self.current_phase, self.current_layer),
+                     write_log(err, self.recipe.output_dir().parent, self.recipe.name))
 
     def _load(self, model: Any, tokenizer: Any) -> tuple[RunState, pluggy.PluginManager]:
         """Check the output folder, build the strategies, launch Fabric, load the model."""
@@ -140,6 +163,7 @@ class Engine:
         fabric = Fabric(accelerator=recipe.runtime.accelerator, devices=recipe.runtime.devices,
                         precision=recipe.runtime.precision)
         fabric.launch()
+        self.checkpoints = Checkpoints.open(recipe.output_dir(), recipe, self.resume, fabric.global_rank == 0)
         with self.phase("load"):
             if model is None:
                 model, tokenizer = load_model(recipe.model.path, recipe.model.gguf_file, recipe.model.dtype)
@@ -158,6 +182,7 @@ class Engine:
                              "at most in decode, name and output can be reused")
         io.check_output_dir(recipe.output_dir(), self.overwrite)
         pm = run_manager([choice.build() for choice in recipe.strategies()])
+        self.checkpoints = Checkpoints.open(recipe.output_dir(), recipe, False, earlier.run.fabric.global_rank == 0)
         model = copy.deepcopy(earlier.model)
         run = RunState(recipe=recipe, model=model, tokenizer=earlier.tokenizer, adapter=adapter_for(model),
                        fabric=earlier.run.fabric, calibration=earlier.run.calibration, scores=earlier.run.scores,
@@ -203,7 +228,14 @@ class Engine:
         run.store, run.store_base = self.store, json.dumps(self._data_key(run), sort_keys=True, default=str)
         layer_pass = LAYER_PASSES[run.recipe.calibration.pipeline]
         run.dense_statistics = layer_pass.dense_statistics
-        layer_pass(self._context(run, pm)).run()
+        ctx = self._context(run, pm)
+        if ctx.checkpoints is not None and ctx.checkpoints.resumed:
+            for key, value in ctx.checkpoints.notes().items():  # the finished layers' notes, for the report
+                run.notes.setdefault(key, value)
+            run.notes["resumed"] = {"from_layer": ctx.checkpoints.done}
+        layer_pass(ctx).run()
+        if ctx.checkpoints is not None and ctx.checkpoints.writer:
+            run.notes["checkpoint_s"] = round(ctx.checkpoints.seconds, 2)  # part of the compress time
 
     def _finish(self, run: RunState, pm: pluggy.PluginManager, evaluations: dict[str, list[dict[str, Any]]],
                 dense_params: int, known: list[dict[str, Any] | None] | None = None) -> Result:
@@ -216,13 +248,17 @@ class Engine:
             evaluations["compressed"] = [
                 row or self._evaluate_one(run, spec, "compressed", dense)
                 for spec, dense, row in zip(recipe.evaluate, evaluations["dense"], known, strict=True)]
-        partial = None
+        checkpoints = self.checkpoints
+        assert checkpoints is not None
         if fabric.global_rank == 0:
             with self.phase("save"):
-                partial = io.write_model(run, out_dir)
+                io.write_model(run, checkpoints.folder)
         rep = report.build(run, dense_params, io.count_params(model), evaluations, self.timings)
         files = {"generations.jsonl": report.generations_jsonl(evaluations)}
-        saved = io.finish(run, partial, out_dir, rep, self.overwrite, files) if partial is not None else None
+        saved = None
+        if fabric.global_rank == 0:
+            checkpoints.finish()
+            saved = io.finish(run, checkpoints.folder, out_dir, rep, self.overwrite, files)
         self._emit("on_run_end", rep)
         return Result(model=model, tokenizer=run.tokenizer, report=rep, output_dir=saved, run=run,
                       evaluations=evaluations, dense_params=dense_params)
@@ -264,12 +300,16 @@ class Engine:
             "score": [c.to_dict() for c in recipe.score],
         }
         cached = cache.get("scores", key)
+        if cached is None and self.checkpoints is not None:
+            cached = self.checkpoints.scores()
         if cached is not None:
             run.scores.update(cached)
             run.notes["scores"] = {"cached": True}
             return
         ScoringPass().run(self._context(run, pm))
         cache.put("scores", key, run.scores)
+        if self.checkpoints is not None:
+            self.checkpoints.save_scores(run.scores)
         run.notes["scores"] = {"cached": False}
 
     def _data_key(self, run: RunState) -> dict[str, Any]:

@@ -60,3 +60,9 @@ def write_log(error: BaseException, folder: Path, name: str) -> Path | None:
         return path
     except OSError:
         return None
+
+
+def interrupted(phase: str | None, layer: int | None) -> str:
+    """Where Ctrl-C (or SIGTERM turned into KeyboardInterrupt) stopped a run."""
+    where = f"during {phase}" if phase else "before any work"
+    return f"interrupted {where}" + (f" at decoder layer {layer}" if layer is not None else "")

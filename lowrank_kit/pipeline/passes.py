@@ -7,10 +7,11 @@
 - ``DenseInputPass`` (``dense_input``): layer by layer, statistics on the dense model's
   activations (SVD-LLM's and ASVD's whitening); a bench shares them across ratios and recipes.
 
-Both layer passes share one loop (``LayerPass.run``: collect → gather → transform → drop, with
-``on_layer_start``/``on_layer_end`` around each layer) and differ only in ``gather``: which
-forwards feed a layer's statistics. A new pass is a subclass with a ``gather`` and a line in
-``LAYER_PASSES`` (and the recipe's ``pipeline`` choices).
+Both layer passes share one loop (``LayerPass.run``: collect → gather → transform → drop →
+checkpoint, with ``on_layer_start``/``on_layer_end`` around each layer) and differ only in
+``gather``, which forwards feed a layer's statistics, and ``skip``, what a layer restored
+from a resumed run's checkpoint still has to do for the layers after it. A new pass is a
+subclass with a ``gather`` and a line in ``LAYER_PASSES`` (and the recipe's ``pipeline`` choices).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from lowrank_kit.calibration.stats import Statistic, Tap
+from lowrank_kit.persistence.checkpoint import Checkpoints
 from lowrank_kit.pipeline.cache import statistic_identity
 from lowrank_kit.pipeline.replay import LayerInputs, capture, run_layer
 from lowrank_kit.pipeline.state import RunState
@@ -39,6 +41,7 @@ class PassContext:
     pm: pluggy.PluginManager
     emit: Callable[..., None]
     progress: Progress
+    checkpoints: Checkpoints | None = None  # finished layers of a resumed run; where each new one is recorded
 
     def reduce(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """Sum across processes (data-parallel calibration), or None on one process."""
@@ -102,8 +105,14 @@ class LayerPass:
     def run(self) -> None:
         ctx, run = self.ctx, self.ctx.run
         self.prepare()
+        checkpoints = ctx.checkpoints
         for index in range(len(run.adapter.layers)):
             ctx.emit("on_layer_start", index)
+            if checkpoints is not None and checkpoints.has(index):
+                self.skip(index)
+                checkpoints.restore_layer(run, index)
+                ctx.emit("on_layer_end", index)
+                continue
             tap = self.collect(index)
             gathered = self.gather(index, tap)
             _check_finite(run, index, gathered)
@@ -111,10 +120,19 @@ class LayerPass:
             ctx.pm.hook.lowrank_transform(run=run, layer=index)
             for key in gathered:  # a layer's statistics are not needed once it is compressed
                 run.stats.pop(key, None)
+            if checkpoints is not None:
+                checkpoints.save_layer(run, index)
             ctx.emit("on_layer_end", index)
+
+    def restored(self, index: int) -> bool:
+        return self.ctx.checkpoints is not None and self.ctx.checkpoints.has(index)
 
     def prepare(self) -> None:
         """Work before the first layer (none by default)."""
+
+    def skip(self, index: int) -> None:
+        """Layer ``index`` comes from a checkpoint; do what the layers after it need (nothing by
+        default). Called while the layer is still dense, just before it is restored."""
 
     def collect(self, index: int) -> Tap:
         tap = Tap()
@@ -191,10 +209,20 @@ class DenseInputPass(LayerPass):
     def prepare(self) -> None:
         self.last_missing = -1
         for index in range(len(self.ctx.run.adapter.layers)):
+            if self.restored(index):
+                continue
             tap = self.collect(index)
             tap.close()
             if self.stored(tap) is None:
                 self.last_missing = index
+
+    def skip(self, index: int) -> None:
+        """A later layer still needs the dense model's activations: run this one, still dense."""
+        if index < self.last_missing:
+            if self.inputs is None:
+                self.inputs = self.capture_inputs(Tap())
+            for item in self.inputs:
+                item.hidden = self.forward_layer(index, item).cpu()
 
     def gather(self, index: int, tap: Tap) -> dict[str, Statistic]:
         run = self.ctx.run

@@ -138,6 +138,12 @@ def markdown(rep: dict[str, Any]) -> str:
         lines += _generation_table(rep["evaluation"])
     lines += ["| phase | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in rep["timings_s"].items()]
+    notes = rep.get("notes", {})
+    if "checkpoint_s" in notes:
+        lines += ["", f"Compress includes {notes['checkpoint_s']:.1f} s of writing layer checkpoints (for --resume)."]
+    if "resumed" in notes:
+        lines += [f"Resumed an interrupted run from decoder layer {notes['resumed']['from_layer']}; the timings "
+                  "are this run's only."]
     lines += ["", "## Kept rank per module", ""]
     lines += ["| unit | transform | rank | of | params kept |", "|---|---|---:|---:|---:|"]
     for m in rep["modules"]:

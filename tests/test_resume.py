@@ -1,0 +1,234 @@
+"""Resume: a run interrupted or killed at any layer continues to weights byte-identical to an
+uninterrupted run's, and a partial folder is never resumed by another recipe or model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import ByteTokenizer, tiny_config, tiny_recipe
+
+from lowrank_kit.api import compress
+from lowrank_kit.persistence.checkpoint import STATE, partial_dir
+from lowrank_kit.pipeline.callbacks import Callback
+from lowrank_kit.recipe.schema import RecipeError
+
+LAYERS = 6
+RECIPES: dict[str, dict[str, Any]] = {
+    # sequential statistics, scores and per-layer notes (FLAT-LLM's shape)
+    "flat": {"score": "angular_importance", "allocate": "iprs",
+             "transform": [{"plugin": "headwise_pca", "targets": ["v_proj", "o_proj"]},
+                           {"plugin": "nystrom", "targets": ["gate_proj", "up_proj", "down_proj"]}]},
+    # the dense model's statistics (SVD-LLM's whitening)
+    "svd_llm": {"calibration": {"dataset": "austen-emma", "samples": 8, "seq_len": 64, "seed": 0, "batch_size": 4,
+                                "pipeline": "dense_input"},
+                "transform": [{"plugin": "svd_llm"}]},
+}
+
+
+def deep_model(seed: int = 0) -> Any:
+    """The tiny Llama with enough layers to stop in the middle of."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config("llama")
+    config.num_hidden_layers = LAYERS
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def recipe(tmp_path: Path, kind: str, out: str, ratio: float = 0.3) -> dict[str, Any]:
+    raw = tiny_recipe(tmp_path, ratio=ratio, **RECIPES[kind])
+    raw["output"]["dir"] = str(tmp_path / out)
+    return raw
+
+
+def weights_sha(folder: Path) -> str:
+    return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+
+
+class StopAt(Callback):
+    """Ctrl-C at the start of a layer (or of a phase)."""
+
+    def __init__(self, layer: int | None = None, phase: str | None = None):
+        self.layer, self.phase = layer, phase
+
+    def on_layer_start(self, run: Any, layer: int) -> None:
+        if layer == self.layer:
+            raise KeyboardInterrupt
+
+    def on_phase_start(self, run: Any, phase: str) -> None:
+        if phase == self.phase:
+            raise KeyboardInterrupt
+
+
+def run(raw: dict[str, Any], **options: Any) -> Any:
+    return compress(raw, model=options.pop("model", None) or deep_model(), tokenizer=ByteTokenizer(),
+                    progress=False, **options)
+
+
+@pytest.mark.parametrize("kind", sorted(RECIPES))
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path: Path, kind: str) -> None:
+    reference = run(recipe(tmp_path, kind, "reference"))
+    raw = recipe(tmp_path, kind, "resumed")
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        run(raw, callbacks=[StopAt(layer=4)])
+    partial = partial_dir(Path(raw["output"]["dir"]))
+    assert stopped.value.lowrank_summary == "interrupted during compress at decoder layer 4"
+    assert stopped.value.lowrank_hint == f"4 finished decoder layers are kept in '{partial}'; rerun with --resume " \
+                                         "to continue"
+    assert json.loads((partial / STATE).read_text())["done"] == 4
+    resumed = run(raw, resume=True)
+    assert weights_sha(resumed.output_dir) == weights_sha(reference.output_dir)
+    assert resumed.report["notes"]["resumed"] == {"from_layer": 4}
+    run_only = ("resumed", "scores", "checkpoint_s")
+    notes = {k: v for k, v in resumed.report["notes"].items() if k not in run_only}
+    assert notes == {k: v for k, v in reference.report["notes"].items() if k not in run_only}
+    assert "Resumed an interrupted run from decoder layer 4" in (resumed.output_dir / "report.md").read_text()
+    assert not partial.exists() and not (resumed.output_dir / "layers").exists()
+    assert not (resumed.output_dir / STATE).exists()
+
+
+def test_a_run_killed_during_save_resumes(tmp_path: Path) -> None:
+    reference = run(recipe(tmp_path, "svd_llm", "reference"))
+    raw = recipe(tmp_path, "svd_llm", "resumed")
+    with pytest.raises(KeyboardInterrupt):
+        run(raw, callbacks=[StopAt(phase="save")])
+    resumed = run(raw, resume=True)
+    assert resumed.report["notes"]["resumed"] == {"from_layer": LAYERS}
+    assert weights_sha(resumed.output_dir) == weights_sha(reference.output_dir)
+
+
+def test_another_recipe_or_model_is_never_resumed(tmp_path: Path) -> None:
+    raw = recipe(tmp_path, "flat", "out")
+    with pytest.raises(KeyboardInterrupt):
+        run(raw, callbacks=[StopAt(layer=2)])
+    other = recipe(tmp_path, "flat", "out", ratio=0.4)
+    with pytest.raises(RecipeError, match=r"target\.ratio: cannot resume .* target\.ratio=0\.3, this recipe has 0\.4"):
+        run(other, resume=True)
+    with pytest.raises(RecipeError, match=r"model\.path: cannot resume .* from a different model"):
+        run(raw, resume=True, model=deep_model(seed=1))
+    # the folder survived both refusals; without --resume it is discarded, with a warning
+    assert json.loads((partial_dir(Path(raw["output"]["dir"])) / STATE).read_text())["done"] == 2
+    with pytest.warns(UserWarning, match=r"discarding the unfinished run .* \(2 decoder layers finished\)"):
+        result = run(raw)
+    assert "resumed" not in result.report["notes"]
+
+
+def test_a_partial_folder_owned_by_a_live_process_is_refused(tmp_path: Path) -> None:
+    raw = recipe(tmp_path, "svd_llm", "out")
+    partial = partial_dir(Path(raw["output"]["dir"]))
+    partial.mkdir()
+    (partial / STATE).write_text(json.dumps({"pid": os.getppid(), "done": 0}))
+    with pytest.raises(RecipeError, match=f"another lowrank-kit run \\(process {os.getppid()}\\) is writing"):
+        run(raw)
+
+
+def test_a_failure_before_any_layer_leaves_no_partial_folder(tmp_path: Path) -> None:
+    raw = recipe(tmp_path, "svd_llm", "out")
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        run(raw, callbacks=[StopAt(phase="evaluate dense")])
+    assert stopped.value.lowrank_hint is None
+    assert not partial_dir(Path(raw["output"]["dir"])).exists()
+
+
+CHILD = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    from conftest import ByteTokenizer
+    from test_resume import deep_model
+    from lowrank_kit import cli
+    from lowrank_kit.pipeline import engine
+    from lowrank_kit.pipeline.callbacks import Callback
+
+    class Announce(Callback):
+        def on_layer_start(self, run, layer):
+            print(f"layer {{layer}}", flush=True)
+        def on_phase_start(self, run, phase):
+            print(f"phase {{phase}}", flush=True)
+
+    engine.load_model = lambda *args: (deep_model(), ByteTokenizer())  # the tiny model stands in for model.path
+    start = engine.Engine.__init__
+    def init(self, *args, **kwargs):
+        start(self, *args, **kwargs)
+        self.callbacks.append(Announce())
+    engine.Engine.__init__ = init
+    sys.exit(cli.main(sys.argv[1:]))
+""")
+
+
+def child(tmp_path: Path, raw: dict[str, Any], *flags: str) -> subprocess.Popen[str]:
+    path = tmp_path / f"{Path(raw['output']['dir']).name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    script = tmp_path / "child.py"
+    script.write_text(CHILD.format(tests=str(Path(__file__).parent)))
+    return subprocess.Popen([sys.executable, str(script), "compress", str(path), "--quiet", *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+
+
+def finish(process: subprocess.Popen[str]) -> str:
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    return out
+
+
+def stop_child(process: subprocess.Popen[str], stop: str, sig: int) -> None:
+    """Send ``sig`` the moment the child announces ``stop``."""
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.strip() == stop:
+            process.send_signal(sig)
+            return
+    raise AssertionError(f"the run ended before '{stop}'")
+
+
+@pytest.fixture(scope="module")
+def reference_weights(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The uninterrupted run's weights, from the same child process."""
+    tmp_path = tmp_path_factory.mktemp("reference")
+    raw = recipe(tmp_path, "flat", "reference")
+    finish(child(tmp_path, raw))
+    return weights_sha(Path(raw["output"]["dir"]))
+
+
+@pytest.mark.parametrize("where", ["a random layer", "save"])
+def test_kill_9_then_resume_gives_the_same_weights(tmp_path: Path, where: str, reference_weights: str) -> None:
+    layer = random.randrange(LAYERS)
+    stop = "phase save" if where == "save" else f"layer {layer}"
+    raw = recipe(tmp_path, "flat", "killed")
+    process = child(tmp_path, raw)
+    stop_child(process, stop, signal.SIGKILL)
+    process.wait(timeout=300)
+    assert process.returncode == -signal.SIGKILL
+    out = Path(raw["output"]["dir"])
+    assert not out.exists() and partial_dir(out).is_dir()
+    finish(child(tmp_path, raw, "--resume"))
+    report = json.loads((out / "report.json").read_text())
+    expected = LAYERS if where == "save" else layer
+    assert report["notes"]["resumed"]["from_layer"] >= expected, f"killed at '{stop}'"
+    assert weights_sha(out) == reference_weights, f"killed at '{stop}'"
+
+
+def test_ctrl_c_says_where_and_what_is_kept(tmp_path: Path) -> None:
+    raw = recipe(tmp_path, "flat", "out")
+    process = child(tmp_path, raw)
+    stop_child(process, "layer 3", signal.SIGINT)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 130
+    last = err.strip().splitlines()[-1]
+    partial = partial_dir(Path(raw["output"]["dir"]))
+    assert re.fullmatch(rf"interrupted during compress at decoder layer (\d): \1 finished decoder layers are kept "
+                        rf"in '{re.escape(str(partial))}'; rerun with --resume to continue", last), err[-2000:]
+    assert "Traceback" not in err
