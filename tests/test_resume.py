@@ -221,10 +221,11 @@ def test_kill_9_then_resume_gives_the_same_weights(tmp_path: Path, where: str, r
     assert weights_sha(out) == reference_weights, f"killed at '{stop}'"
 
 
-def test_ctrl_c_says_where_and_what_is_kept(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_says_where_and_what_is_kept(tmp_path: Path, sig: int) -> None:
     raw = recipe(tmp_path, "flat", "out")
     process = child(tmp_path, raw)
-    stop_child(process, "layer 3", signal.SIGINT)
+    stop_child(process, "layer 3", sig)
     _, err = process.communicate(timeout=300)
     assert process.returncode == 130
     last = err.strip().splitlines()[-1]
