@@ -7,38 +7,36 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lowrank_kit.extension.hookspecs import hookimpl, hookspec
 from lowrank_kit.extension.strategy import Strategy
+from lowrank_kit.models import hf_classes as _hf_classes
+
+if TYPE_CHECKING:
+    from lowrank_kit.api import bench, compress, load_recipe, resolve_recipe
+    from lowrank_kit.persistence.saving import load_pretrained
 
 __version__ = "0.1.0"
-__all__ = ["Strategy", "__version__", "bench", "compress", "hookimpl", "hookspec", "load_pretrained", "load_recipe"]
+
+# Compressed folders load through transformers' own Auto classes once this package is imported.
+_hf_classes.register()
+__all__ = ["Strategy", "__version__", "bench", "compress", "hookimpl", "hookspec", "load_pretrained", "load_recipe",
+           "resolve_recipe"]
 
 
-def compress(recipe: Any, overrides: dict[str, Any] | list[str] | None = None, **sections: Any) -> Any:
-    """Run a recipe (a path, a dict, or a Recipe); see ``lowrank_kit.api.compress``."""
-    from lowrank_kit.api import compress as _compress
+def __getattr__(name: str) -> Any:
+    """The API functions, imported on first use (they pull in the engine and Lightning)."""
+    if name in ("compress", "load_recipe", "resolve_recipe"):
+        from lowrank_kit import api
 
-    return _compress(recipe, overrides, **sections)
+        return getattr(api, name)
+    if name == "bench":
+        from lowrank_kit.api import bench
 
+        return bench
+    if name == "load_pretrained":
+        from lowrank_kit.persistence.saving import load_pretrained
 
-def bench(recipes: list[Any], ratios: list[float], output: Any = "runs/bench", **kwargs: Any) -> list[dict[str, Any]]:
-    """Every recipe at every ratio on one model and data; see ``lowrank_kit.harness.bench.run_bench``."""
-    from lowrank_kit.harness.bench import run_bench
-
-    return run_bench(recipes, ratios, output, **kwargs)
-
-
-def load_pretrained(folder: Any, device: Any = "cpu") -> Any:
-    """Load a model saved by ``compress`` (no pickle, no remote code)."""
-    from lowrank_kit.persistence.saving import load_pretrained as _load
-
-    return _load(folder, device)
-
-
-def load_recipe(path: Any, overrides: Any = None) -> Any:
-    """Read and validate a recipe file without loading any model."""
-    from lowrank_kit.recipe.loading import load
-
-    return load(path, overrides)
+        return load_pretrained
+    raise AttributeError(f"module 'lowrank_kit' has no attribute '{name}'")

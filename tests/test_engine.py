@@ -54,7 +54,7 @@ def test_report_ratio_is_counted_from_real_shapes(tmp_path: Path) -> None:
     assert rep["achieved_ratio"] == pytest.approx(1 - kept / geometry.total_linear_params)
     assert rep["achieved_ratio"] >= 0.3 and abs(rep["achieved_ratio"] - 0.3) < 0.03  # tiny matrices: coarse ranks
     ranks = {m["unit"]: m["rank"] for m in rep["modules"]}
-    assert model.model.layers[1].mlp.down_proj.rank == ranks["layers.1.down_proj"]
+    assert result.model.model.layers[1].mlp.down_proj.rank == ranks["layers.1.down_proj"]
     assert rep["evaluation"][0]["dense"] > 0 and rep["evaluation"][0]["compressed"] > 0
     assert set(rep["timings_s"]) >= {"load", "allocate", "compress", "save"}
     assert "| layers.0.q_proj | svd |" in (result.output_dir / "report.md").read_text()
@@ -307,3 +307,18 @@ def test_our_output_given_as_the_model_is_refused_and_never_modified(tmp_path: P
         assert "is a lowrank-kit output" in capsys.readouterr().err
         assert digest(saved) == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no partial folder left
+
+
+def test_the_model_passed_in_is_never_modified_and_the_result_is_short(tmp_path: Path) -> None:
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = compress(tiny_recipe(tmp_path, "svd_llm", 0.3), model=model, tokenizer=ByteTokenizer(), progress=False)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert type(model).__name__ == "LlamaForCausalLM" and result.model is not model
+    assert len(repr(result)) < 400 and "ratio 0.3" in repr(result) and "perplexity" in repr(result)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'overwite'; did you mean 'overwrite'"):
+        compress(tiny_recipe(tmp_path, "svd_llm", 0.3), model=model, tokenizer=ByteTokenizer(), overwite=True)
+    inplace = compress(tiny_recipe(tmp_path, "svd_llm", 0.3, output={"dir": str(tmp_path / "b")}), model=model,
+                       tokenizer=ByteTokenizer(), progress=False, inplace=True)
+    assert inplace.model is model

@@ -13,6 +13,7 @@ from torch import nn
 
 from lowrank_kit.extension.keys import ATTENTION_PROJECTIONS, PROJECTIONS, site_name
 from lowrank_kit.models import hf_compat
+from lowrank_kit.models.hf_classes import base_type
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ ADAPTERS: list[type[ModelAdapter]] = [ModelAdapter, Qwen2Adapter, Gemma3Adapter]
 
 def adapter_for(model: nn.Module) -> ModelAdapter:
     hf_compat.check_version()  # once per process: a warning outside the tested transformers range
-    model_type = model.config.get_text_config().model_type
+    model_type = base_type(model.config.get_text_config().model_type)
     for cls in ADAPTERS:
         if model_type in cls.model_types:
             return cls(model)

@@ -1,9 +1,10 @@
 """Saving a compressed model to a folder and loading it back, with no pickle and no remote code.
 
-The folder holds ``model.safetensors``, the base ``config.json`` plus a ``lowrank`` section
-describing every replaced module (kind and shape), the tokenizer, the resolved recipe and the
-report. ``load_pretrained`` rebuilds the architecture from the config, swaps in empty
-compressed modules from that section and loads the weights strictly.
+The folder holds ``model.safetensors``, ``config.json`` (the base model's, with the model type
+and class of its registered compressed variant, ``persistence.hf_classes``, and a ``lowrank``
+section describing every replaced module: kind and shape), the tokenizer, the resolved recipe
+and the report. So transformers' own ``from_pretrained`` rebuilds it once ``lowrank_kit`` is
+imported; ``load_pretrained`` does that and checks that every weight was found.
 """
 
 from __future__ import annotations
@@ -22,13 +23,17 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from lowrank_kit.compressed.modules import LowRankLinear, ResizedLinear
+from lowrank_kit.models import hf_classes
 from lowrank_kit.models.attention import rebuild
 from lowrank_kit.recipe.schema import RecipeError
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
     from lowrank_kit.pipeline.state import RunState
 
-FORMAT_VERSION = 2  # 2: head-wise PCA values stored rank-major; decode section
+FORMAT_VERSION = 3  # 2: head-wise PCA values stored rank-major; decode section. 3: registered model type
+LEGACY_FORMATS = (2,)  # folders of these formats still load, through ``_load_legacy``
 WEIGHTS = "model.safetensors"
 MARKERS = ("report.json", "recipe.yaml")  # files that identify a folder as one of our outputs
 
@@ -75,10 +80,13 @@ def save_model_files(model: Any, tokenizer: Any, folder: Path, extra: dict[str, 
     decoder = getattr(model, "lowrank_decoder", None)
     model.config.lowrank = {"format": FORMAT_VERSION, "modules": module_specs(model),
                             "decode": decoder.spec() if decoder is not None else None, **(extra or {})}
+    if not hf_classes.as_compressed(model):
+        model.config.lowrank["format"] = LEGACY_FORMATS[-1]  # a family without a registered class
     model.config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
-    save_model(model, str(folder / WEIGHTS))  # drops the duplicate names of tied tensors
+    # drops the duplicate names of tied tensors; "pt" is what transformers writes and expects
+    save_model(model, str(folder / WEIGHTS), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
 
@@ -136,31 +144,57 @@ def build_module(spec: dict[str, Any], dense: nn.Module) -> nn.Module:
     return MODULE_BUILDERS[kind](spec, dense)
 
 
-def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> Any:
-    """Rebuild a compressed model saved by lowrank-kit; its logits equal the in-memory model's."""
+def load_pretrained(folder: str | Path, *, dtype: torch.dtype | str | None = None,
+                    device: str | torch.device | None = None, **from_pretrained: Any) -> PreTrainedModel:
+    """A compressed model saved by lowrank-kit, from a folder or a hub id; its logits equal the
+    in-memory model's. ``dtype`` defaults to the saved one; other keyword arguments go to
+    transformers' ``from_pretrained`` (e.g. ``revision``, ``device_map``). Unlike a bare
+    ``from_pretrained``, a weight missing from the file is an error, never a random initialisation.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    folder = Path(folder)
-    if not (folder / WEIGHTS).is_file():
-        raise FileNotFoundError(f"no {WEIGHTS} in '{folder}': not a saved lowrank-kit model")
-    config = AutoConfig.from_pretrained(folder)
+    hf_classes.register()
+    where = str(folder)
+    if Path(where).is_dir() and not (Path(where) / WEIGHTS).is_file():
+        raise FileNotFoundError(f"no {WEIGHTS} in '{where}': not a saved lowrank-kit model")
+    config = AutoConfig.from_pretrained(where, **{k: v for k, v in from_pretrained.items() if k in HUB_ARGS})
     lowrank = getattr(config, "lowrank", None)
-    if not isinstance(lowrank, dict) or lowrank.get("format") != FORMAT_VERSION:
-        raise ValueError(f"'{folder}/config.json' has no lowrank section of format {FORMAT_VERSION}")
-    dtype = getattr(config, "dtype", None) or torch.float32
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for name, spec in lowrank["modules"].items():
-        set_module(model, name, build_module(spec, model.get_submodule(name)).to(dtype))
-    model.tie_weights()
+    if not isinstance(lowrank, dict) or lowrank.get("format") not in (FORMAT_VERSION, *LEGACY_FORMATS):
+        raise ValueError(f"'{where}/config.json' has no lowrank section of format {FORMAT_VERSION}: "
+                         "not a model saved by this version of lowrank-kit")
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    saved = getattr(config, "dtype", None) or torch.float32
+    dtype = dtype or (getattr(torch, saved) if isinstance(saved, str) else saved)
     try:
-        missing, unexpected = load_model(model, str(folder / WEIGHTS), strict=True)
+        if lowrank["format"] in LEGACY_FORMATS:
+            model = _load_legacy(where, config, lowrank, dtype)
+        else:
+            model, info = AutoModelForCausalLM.from_pretrained(where, config=config, dtype=dtype,
+                                                               output_loading_info=True, **from_pretrained)
+            wrong = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+            if wrong:
+                raise ValueError(f"weights in '{where}' do not match the rebuilt model: "
+                                 + "; ".join(f"{k}: {sorted(v)[:3]}" for k, v in wrong.items()))
     except SafetensorError as err:  # a cut or garbled file
-        raise ValueError(f"'{folder / WEIGHTS}' is damaged or truncated ({err}); copy or compress it again") from None
+        raise ValueError(f"'{where}/{WEIGHTS}' is damaged or truncated ({err}); copy or compress it again") from None
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
+
+
+# from_pretrained arguments that say where the files come from, so the config is read from there too
+HUB_ARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder", "force_download")
+
+
+def _load_legacy(where: str, config: Any, lowrank: dict[str, Any], dtype: torch.dtype) -> Any:
+    """A folder saved before the compressed variants were registered (format 2)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    hf_classes.install_modules(model, lowrank)
+    model.tie_weights()
+    missing, unexpected = load_model(model, str(Path(where) / WEIGHTS), strict=True)
     if missing or unexpected:
         raise ValueError(f"weights do not match the rebuilt model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    if lowrank.get("decode"):
-        from lowrank_kit.compressed.decoding import install
-
-        install(model, lowrank["decode"])
-    return model.to(device).eval()
+    return model

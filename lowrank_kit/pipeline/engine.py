@@ -56,6 +56,18 @@ class Result:
     evaluations: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     dense_params: int = 0
 
+    def summary(self) -> str:
+        """One line: recipe, ratio reached, each metric dense → compressed, the folder."""
+        rep = self.report
+        metrics = ", ".join(f"{row['metric']} {row['dense']:.4g} → {row['compressed']:.4g}" if "dense" in row
+                            else f"{row['metric']} {row['compressed']:.4g}" for row in rep.get("evaluation", []))
+        where = f", saved to {self.output_dir}" if self.output_dir is not None else ""
+        return (f"{rep['name']}: ratio {rep['achieved_ratio']:.4f} of the decoder's linear weights removed "
+                f"(target {rep['target_ratio']:g})" + (f"; {metrics}" if metrics else "") + where)
+
+    def __repr__(self) -> str:
+        return f"Result({self.summary()})"
+
 
 class Engine:
     def __init__(self, recipe: Recipe, callbacks: list[Callback] | None = None, overwrite: bool = False,
