@@ -1,4 +1,4 @@
-"""``lowrank-kit compress | bench | validate | plugins | eval``: the same functions as the Python API."""
+"""The ``lowrank-kit`` command: compress, bench, validate, plugins, eval; the same functions as the Python API."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from lowrank_kit.recipe.schema import RecipeError, describe_fields
 
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="path to a YAML recipe")
+    parser.add_argument("recipe", help="a YAML recipe file, or a shipped recipe's name (e.g. flat_llm)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="override a recipe field, e.g. --set target.ratio=0.3 (repeatable)")
 
@@ -102,8 +102,56 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+DESCRIPTION = """Training-free low-rank compression of LLMs from plugin strategies combined by YAML recipes.
+
+examples:
+  lowrank-kit compress flat_llm                      compress with a shipped recipe
+  lowrank-kit compress my.yaml --set target.ratio=0.3
+  lowrank-kit validate my.yaml                       check a recipe without loading a model
+  lowrank-kit plugins                                every strategy and its arguments
+  lowrank-kit eval runs/flat-llm-0.2                 perplexity of a saved model
+"""
+
+
+def versions() -> str:
+    import lightning
+    import torch
+    import transformers
+
+    from lowrank_kit import __version__
+
+    return (f"lowrank-kit {__version__} (torch {torch.__version__}, transformers {transformers.__version__}, "
+            f"lightning {lightning.__version__})")
+
+
+class _Version(argparse.Action):
+    """``--version``, computed only when asked (it imports torch and transformers)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any):
+        super().__init__(option_strings, dest, nargs=0, help="print the versions and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        print(versions())
+        parser.exit()
+
+
+def quiet() -> None:
+    """No progress bars or info lines from the libraries either (transformers, the hub, datasets)."""
+    import datasets
+    import huggingface_hub
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    huggingface_hub.utils.disable_progress_bars()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lowrank-kit", description=__doc__)
+    parser = argparse.ArgumentParser(prog="lowrank-kit", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action=_Version)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of a failed run")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("compress", help="compress a model as a recipe says")
@@ -154,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if getattr(args, "quiet", False):
+        quiet()
     try:
         return args.func(args)
     except RecipeError as err:

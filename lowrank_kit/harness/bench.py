@@ -20,6 +20,7 @@ import os
 import threading
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +172,8 @@ def write_plots(rows: list[dict[str, Any]], plans: dict[tuple[str, float], list[
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        warnings.warn("plots need the plots extra: pip install 'lowrank-kit[plots]'; the table is written without "
+                      "them", stacklevel=2)
         return []
     written = []
     fig, ax = plt.subplots(figsize=(7, 4.5))

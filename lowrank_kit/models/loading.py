@@ -122,6 +122,11 @@ def load_model(path: str, gguf_file: str | None = None, dtype: str = "float32") 
     is_local = os.path.isdir(where)
     if not is_local and (where.startswith((".", "/")) or where.count("/") > 1):
         raise RecipeError("model.path", f"no model folder at '{where}'")
+    if gguf:
+        missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+        if missing:
+            raise RecipeError("model.path", f"'{path}' is a GGUF checkpoint, which needs the gguf extra "
+                                            f"({', '.join(missing)} missing): pip install 'lowrank-kit[gguf]'")
     kwargs: dict[str, Any] = {"gguf_file": gguf} if gguf else {}
     tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[dtype], **kwargs)

@@ -8,6 +8,7 @@ so they are validated like the file itself.
 from __future__ import annotations
 
 import copy
+import difflib
 import re
 from pathlib import Path
 from typing import Any
@@ -178,11 +179,35 @@ def _locate(err: RecipeError, lines: dict[str, int]) -> None:
     err.line = lines.get(path)
 
 
+def shipped() -> dict[str, Path]:
+    """The recipes installed with the package, by name (file name without ``.yaml``)."""
+    from importlib.resources import files
+
+    try:
+        folder = Path(str(files("lowrank_kit.recipes")))
+    except ModuleNotFoundError:  # a source checkout that was never installed
+        folder = Path(__file__).resolve().parents[2] / "recipes"
+    return {item.stem: item for item in sorted(folder.glob("*.yaml"))}
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A recipe file, or the shipped recipe of that name; a located error with a suggestion otherwise."""
+    candidate = Path(path)
+    if candidate.is_file():
+        return candidate
+    known = shipped()
+    name = str(path).removesuffix(".yaml")
+    if name in known and "/" not in name:
+        return known[name]
+    near = difflib.get_close_matches(Path(name).name, known, n=1, cutoff=0.6)
+    hint = (f"; did you mean the shipped recipe '{near[0]}'?" if near
+            else f"; shipped recipes: {', '.join(sorted(known))}")
+    raise RecipeError("", f"no recipe file at '{path}' and no shipped recipe of that name{hint}", source=str(path))
+
+
 def load(path: str | Path, overrides: dict[str, Any] | list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe file; every problem is a located RecipeError."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError("", f"no recipe file at '{path}'", source=str(path))
+    path = resolve_path(path)
     try:
         text = path.read_bytes().decode("utf-8")
         data, lines = yaml_input.parse(text)

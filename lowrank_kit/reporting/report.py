@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import resource
 import sys
 from typing import TYPE_CHECKING, Any
@@ -70,6 +71,22 @@ def generations_jsonl(evaluations: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(lines) + "\n" if lines else ""
 
 
+def environment(device: torch.device, processes: int = 1) -> dict[str, Any]:
+    """The versions and the device a report's numbers were measured with."""
+    import lightning
+    import transformers
+
+    from lowrank_kit import __version__
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{platform.machine() or 'cpu'} CPU, {torch.get_num_threads()} threads"
+    return {"lowrank_kit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "lightning": lightning.__version__, "python": platform.python_version(),
+            "device": f"{device.type}: {name}", "processes": processes}
+
+
 def build(run: RunState, dense_params: int, compressed_params: int, evaluations: dict[str, list[dict[str, Any]]],
           timings: dict[str, float]) -> dict[str, Any]:
     recipe = run.recipe
@@ -102,10 +119,20 @@ def build(run: RunState, dense_params: int, compressed_params: int, evaluations:
         "evaluation": rows,
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
         **peak_memory_mb(),
+        "environment": environment(run.fabric.device, run.fabric.world_size),
         "layer_fractions": plan.layer_fractions,
         "modules": modules,
         "notes": run.notes,
     }
+
+
+def _environment_line(rep: dict[str, Any]) -> list[str]:
+    env = rep.get("environment")
+    if not env:
+        return []
+    return [f"- measured with lowrank-kit {env['lowrank_kit']}, torch {env['torch']}, transformers "
+            f"{env['transformers']}, lightning {env['lightning']}, Python {env['python']} on {env['device']}"
+            + (f" ×{env['processes']} processes" if env.get("processes", 1) > 1 else "")]
 
 
 def markdown(rep: dict[str, Any]) -> str:
@@ -122,6 +149,7 @@ def markdown(rep: dict[str, Any]) -> str:
         f"(decoder linear weights {rep['decoder_linear_params']['dense']:,} → "
         f"{rep['decoder_linear_params']['compressed']:,})",
         f"- all parameters {rep['model_params']['dense']:,} → {rep['model_params']['compressed']:,}",
+        *_environment_line(rep),
         f"- calibration: {rep['calibration']['dataset']}, {rep['calibration']['samples']}×"
         f"{rep['calibration']['seq_len']} tokens, seed {rep['calibration']['seed']}",
         f"- peak memory: {rep['peak_rss_mb']:,.0f} MB RSS"

@@ -1,0 +1,71 @@
+"""The package as a user meets it: the wheel's contents, --version, help, quiet, shipped recipes by name."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from lowrank_kit.cli import build_parser, main, quiet
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_the_wheel_ships_recipes_data_and_type_information(tmp_path: Path) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=300)
+    names = set(zipfile.ZipFile(next(tmp_path.glob("lowrank_kit-*.whl"))).namelist())
+    shipped = {f"lowrank_kit/recipes/{p.name}" for p in (ROOT / "recipes").glob("*.yaml")}
+    assert shipped and shipped <= names
+    assert "lowrank_kit/py.typed" in names and "lowrank_kit/data/austen_emma.txt" in names
+    assert "lowrank_kit_plugins/headwise_pca.py" in names
+    assert not any(n.startswith(("tests/", "plugins/", "recipes/")) for n in names)
+
+
+def test_a_shipped_recipe_is_used_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", "flat_llm"]) == 0
+    assert "ok: 'flat-llm' is valid" in capsys.readouterr().out
+    assert main(["validate", "flat_lm"]) == 2
+    assert "did you mean the shipped recipe 'flat_llm'?" in capsys.readouterr().err
+
+
+def test_version_and_plain_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    out = capsys.readouterr().out
+    assert out.startswith("lowrank-kit 0.") and "torch" in out and "transformers" in out
+    text = build_parser().format_help()
+    assert "``" not in text and "examples:" in text
+
+
+def test_quiet_silences_the_libraries_bars() -> None:
+    import datasets
+    import huggingface_hub
+    import transformers
+
+    try:
+        quiet()
+        assert not transformers.utils.logging.is_progress_bar_enabled()
+        assert not datasets.is_progress_bar_enabled()
+    finally:
+        transformers.utils.logging.enable_progress_bar()
+        transformers.utils.logging.set_verbosity_warning()
+        huggingface_hub.utils.enable_progress_bars()
+        datasets.enable_progress_bars()
+        datasets.logging.set_verbosity_warning()
+
+
+def test_the_report_names_versions_and_device(tmp_path: Path) -> None:
+    from conftest import ByteTokenizer, tiny_model, tiny_recipe
+
+    from lowrank_kit import compress
+
+    result = compress(tiny_recipe(tmp_path, "svd", 0.3), model=tiny_model("llama"), tokenizer=ByteTokenizer(),
+                      progress=False)
+    env = result.report["environment"]
+    assert set(env) >= {"lowrank_kit", "torch", "transformers", "lightning", "python", "device"}
+    assert env["device"].startswith("cpu: ")
+    assert f"transformers {env['transformers']}" in (result.output_dir / "report.md").read_text()
