@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import signal
 import sys
@@ -63,20 +64,29 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lm_eval(args: argparse.Namespace, model: Any, tokenizer: Any) -> int:
+    from lowrank_kit.evaluation import lmeval
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.include_path and not os.path.isdir(args.include_path):
+        raise FileNotFoundError(f"--include-path: no folder at '{args.include_path}'")
+    results = lmeval.run(model, tokenizer, tasks, args.num_fewshot, args.limit, args.include_path, args.batch_size)
+    print(lmeval.table(results))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    from lowrank_kit.evaluation.lmeval import EXTRA, load_any
     from lowrank_kit.evaluation.metrics import evaluate
     from lowrank_kit.models.adapters import adapter_for
-    from lowrank_kit.models.loading import load_model
-    from lowrank_kit.persistence.saving import WEIGHTS, load_pretrained
     from lowrank_kit.recipe.spec import EvalSpec
     from lowrank_kit.reporting.progress import console
 
-    if os.path.isfile(os.path.join(args.model, WEIGHTS)) and os.path.isfile(os.path.join(args.model, "recipe.yaml")):
-        from transformers import AutoTokenizer
-
-        model, tokenizer = load_pretrained(args.model), AutoTokenizer.from_pretrained(args.model)
-    else:
-        model, tokenizer = load_model(args.model)
+    if args.tasks and importlib.util.find_spec("lm_eval") is None:
+        raise RecipeError("--tasks", EXTRA)
+    model, tokenizer = load_any(args.model)
+    if args.tasks:
+        return _lm_eval(args, model, tokenizer)
     spec = EvalSpec(dataset=args.dataset, seq_len=args.seq_len, max_tokens=args.max_tokens)
     row = evaluate(model, tokenizer, spec, adapter_for(model).needs_bos, progress=console)
     print(f"{row['metric']} on {row['dataset']} ({row['tokens']} tokens, windows of {row['seq_len']}): "
@@ -176,8 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-models", action="store_true", help="also save every compressed model")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_bench)
-    p = sub.add_parser("eval", help="perplexity of a saved compressed model or any model")
+    p = sub.add_parser("eval", help="perplexity, or lm-eval tasks, of a saved compressed model or any model")
     p.add_argument("model", help="a folder written by compress, a model alias, folder or hub id")
+    p.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated (the eval extra); "
+                                   "without it: perplexity")
+    p.add_argument("--include-path", help="folder of extra lm-eval task YAML files")
+    p.add_argument("--num-fewshot", type=int, help="lm-eval few-shot examples (default: each task's own)")
+    p.add_argument("--limit", type=int, help="lm-eval: at most this many examples per task")
+    p.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size")
     p.add_argument("--dataset", default="austen-persuasion")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=8192)

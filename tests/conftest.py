@@ -36,6 +36,21 @@ class ByteTokenizer:
         Path(folder, "byte_tokenizer.json").write_text(json.dumps({"kind": "bytes"}))
 
 
+def byte_level_tokenizer() -> Any:
+    """A real transformers tokenizer over the tiny models' vocabulary: one token per byte, plus
+    <s> (256) and </s> (257); saved with a folder, it loads with AutoTokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))} | {"<s>": 256, "</s>": 257}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    from tokenizers import decoders
+
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+
+
 def tiny_config(family: str) -> Any:
     from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import FAMILIES, VOCAB, ByteTokenizer, sample_ids, tiny_model, tiny_recipe
+from conftest import FAMILIES, ByteTokenizer, byte_level_tokenizer, sample_ids, tiny_model, tiny_recipe
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import lowrank_kit
@@ -63,16 +63,10 @@ def test_load_pretrained_takes_dtype_and_device_and_restores_decoding(tmp_path: 
 
 
 def test_pipeline_generates_like_generate(tmp_path: Path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, pipeline
+    from transformers import pipeline
 
     _, folder = saved(tmp_path, "llama")
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))} | {"<s>": 256, "</s>": 257}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="</s>")
-    assert len(vocab) <= VOCAB
+    tokenizer = byte_level_tokenizer()
     generate = pipeline("text-generation", model=str(folder), tokenizer=tokenizer, device="cpu")
     text = generate("It is a truth", max_new_tokens=6, do_sample=False, return_full_text=False)[0]["generated_text"]
     model = load_pretrained(folder)

@@ -24,10 +24,17 @@ class Metric:
     decode_independent: bool
 
 
+def _lm_eval_row(*args: Any) -> dict[str, Any]:
+    from lowrank_kit.evaluation import lmeval  # lm-eval is an extra and slow to import
+
+    return lmeval.row(*args)
+
+
 METRICS: dict[str, Metric] = {
     "perplexity": Metric(perplexity.row, decode_independent=True),
     "lastword": Metric(lastword.row, decode_independent=True),
     "generation": Metric(generation.row, decode_independent=False),
+    "lm_eval": Metric(_lm_eval_row, decode_independent=False),  # its tasks may generate
 }
 DECODE_INDEPENDENT = tuple(name for name, metric in METRICS.items() if metric.decode_independent)
 

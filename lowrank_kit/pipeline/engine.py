@@ -220,7 +220,7 @@ class Engine:
             raise RecipeError("calibration.dataset", f"'{calibration.dataset}': {err}") from None
         run.calibration = windows[fabric.global_rank :: fabric.world_size]
         for i, spec in enumerate(run.recipe.evaluate):
-            if not is_json(spec.dataset):  # JSONL prompts are read by their metric, with their own fields
+            if spec.metric != "lm_eval" and not is_json(spec.dataset):  # JSONL: read by its metric, with its fields
                 _read_text(spec.dataset, "evaluation", spec.text_field, f"evaluate[{i}].dataset")
 
     def _allocate(self, run: RunState, pm: pluggy.PluginManager) -> None:

@@ -6,6 +6,7 @@ state and the hook specifications can name a Recipe without importing the extens
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -78,9 +79,10 @@ class TargetSpec:
 
 @dataclass
 class EvalSpec:
-    metric: Literal["perplexity", "generation", "lastword"] = _help(
+    metric: Literal["perplexity", "generation", "lastword", "lm_eval"] = _help(
         "perplexity; generation: greedy continuations scored by ROUGE-L against the dense model's; "
-        "lastword: accuracy of predicting held-out paragraphs' final word", default="perplexity")
+        "lastword: accuracy of predicting held-out paragraphs' final word; lm_eval: lm-evaluation-harness "
+        "tasks (the eval extra)", default="perplexity")
     dataset: str = _help("evaluation text (see calibration.dataset); for generation also a .jsonl of "
                          "prompt/reference rows", default="austen-persuasion")
     seq_len: int = _help("perplexity: window length, windows do not overlap; lastword: longest context",
@@ -95,8 +97,21 @@ class EvalSpec:
     prompt_field: str = _help("generation from JSONL: field holding the prompt", default="prompt")
     reference_field: str = _help("generation from JSONL: field holding the reference (optional)",
                                  default="reference")
+    tasks: list[str] = field(default_factory=list, metadata={
+        "help": "lm_eval: task names (lm-eval's, or ones defined in include_path)"})
+    num_fewshot: int | None = _help("lm_eval: few-shot examples per question (null: each task's default)",
+                                    default=None)
+    limit: int | None = _help("lm_eval: at most this many examples per task (null: all)", default=None)
+    include_path: str | None = _help("lm_eval: folder of extra task YAML files", default=None)
 
     def check(self, path: str) -> None:
+        if self.metric == "lm_eval":
+            if not self.tasks:
+                raise RecipeError(join(path, "tasks"), "lm_eval needs at least one task, e.g. tasks: [arc_easy]")
+            if importlib.util.find_spec("lm_eval") is None:
+                raise RecipeError(join(path, "metric"), "lm-eval is not installed: pip install 'lowrank-kit[eval]'")
+            if self.include_path is not None and not Path(self.include_path).is_dir():
+                raise RecipeError(join(path, "include_path"), f"no folder at '{self.include_path}'")
         if self.seq_len < 2 or self.max_tokens < self.seq_len:
             raise RecipeError(path, "needs seq_len >= 2 and max_tokens >= seq_len")
         for key in ("prompts", "prompt_len", "new_tokens", "batch_size"):
