@@ -8,6 +8,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lowrank_kit.data.texts import in_memory
 from lowrank_kit.pipeline.engine import Engine, Result
 from lowrank_kit.recipe.loading import from_raw, load
 from lowrank_kit.recipe.spec import Recipe
@@ -63,7 +64,7 @@ def compress(recipe: str | Path | dict[str, Any] | Recipe, overrides: dict[str, 
     its last finished layer; ``checkpoint=False`` does not record finished layers.
     """
     _check_sections(recipe_sections)
-    resolved = resolve_recipe(recipe, overrides, **recipe_sections)
+    resolved = resolve_recipe(recipe, overrides, **_texts_in_memory(recipe_sections))
     if model is not None and not inplace:
         model = copy.deepcopy(model)
     engine = Engine(resolved, callbacks=callbacks, overwrite=overwrite, progress=progress, resume=resume,
@@ -86,6 +87,23 @@ def bench(recipes: list[str | Path], ratios: list[float] | tuple[float, ...] = (
 def load_recipe(path: str | Path, overrides: dict[str, Any] | list[str] | None = None) -> Recipe:
     """Read and validate a recipe (a file or a shipped recipe's name) without loading any model."""
     return load(path, overrides)
+
+
+def _texts_in_memory(sections: dict[str, Any]) -> dict[str, Any]:
+    """``calibration={"dataset": [...]}`` or an evaluation's ``dataset`` given as a list of strings or a
+    ``datasets.Dataset``: registered in memory, named in the recipe by the name it was given."""
+
+    def named(section: Any) -> Any:
+        if isinstance(section, dict) and section.get("dataset") is not None and not isinstance(section["dataset"], str):
+            return {**section, "dataset": in_memory(section["dataset"], section.get("text_field", "text"))}
+        return section
+
+    out = dict(sections)
+    if "calibration" in out:
+        out["calibration"] = named(out["calibration"])
+    if isinstance(out.get("evaluate"), list):
+        out["evaluate"] = [named(entry) for entry in out["evaluate"]]
+    return out
 
 
 def _check_sections(sections: dict[str, Any]) -> None:

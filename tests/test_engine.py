@@ -322,3 +322,26 @@ def test_the_model_passed_in_is_never_modified_and_the_result_is_short(tmp_path:
     inplace = compress(tiny_recipe(tmp_path, "svd_llm", 0.3, output={"dir": str(tmp_path / "b")}), model=model,
                        tokenizer=ByteTokenizer(), progress=False, inplace=True)
     assert inplace.model is model
+
+
+def test_calibration_and_evaluation_data_can_be_strings_or_a_dataset(tmp_path: Path) -> None:
+    import datasets
+
+    from lowrank_kit.data.texts import load_text
+
+    text = load_text("austen-emma")
+    paragraphs = [p for p in text.split("\n\n") if p.strip()][:400]
+    held_out = datasets.Dataset.from_dict({"body": text.split("\n\n")[-300:]})  # not Persuasion, the default
+    result = compress(tiny_recipe(tmp_path, "svd_llm", 0.3), model=tiny_model("llama"), tokenizer=ByteTokenizer(),
+                      progress=False, calibration={"dataset": paragraphs, "samples": 8, "seq_len": 64},
+                      evaluate=[{"dataset": held_out, "text_field": "body", "seq_len": 64, "max_tokens": 512}])
+    assert result.run.recipe.calibration.dataset.startswith("in-memory-")
+    row = result.report["evaluation"][0]
+    assert row["dataset"].startswith("in-memory-") and row["tokens"] == 512
+    reference = compress(tiny_recipe(tmp_path, "svd_llm", 0.3, output={"dir": str(tmp_path / "ref")}),
+                         model=tiny_model("llama"), tokenizer=ByteTokenizer(), progress=False,
+                         calibration={"dataset": "austen-emma", "samples": 8, "seq_len": 64})
+    assert reference.report["evaluation"][0]["dense"] != row["dense"]  # it really read the other text
+    with pytest.raises(RecipeError, match="no column 'text'"):
+        compress(tiny_recipe(tmp_path, "svd_llm", 0.3), model=tiny_model("llama"), tokenizer=ByteTokenizer(),
+                 calibration={"dataset": held_out})

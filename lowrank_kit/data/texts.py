@@ -29,9 +29,33 @@ HUB = {
 LOCAL_SUFFIXES = {".txt": "text", ".json": "json", ".jsonl": "json"}
 
 
+# Texts handed over in memory through the Python API (a list of strings or a datasets.Dataset),
+# under the names ``in_memory`` gave them; a recipe names them like any dataset.
+IN_MEMORY: dict[str, str] = {}
+
+
+def in_memory(data: Any, text_field: str = "text") -> str:
+    """Register a list of strings or a ``datasets.Dataset`` (its ``text_field`` column) as a text;
+    returns the name a recipe uses for it."""
+    if isinstance(data, str):
+        raise TypeError("a dataset given as a string is a name or a file; pass texts as a list of strings")
+    if hasattr(data, "column_names"):  # a datasets.Dataset
+        if text_field not in data.column_names:
+            raise RecipeError("dataset", f"the Dataset has no column '{text_field}' (columns: "
+                                         f"{', '.join(data.column_names)}); set text_field")
+        texts = data[text_field]
+    else:
+        texts = list(data)
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise RecipeError("dataset", "in-memory data must be a non-empty list of strings or a Dataset of texts")
+    name = f"in-memory-{len(IN_MEMORY) + 1}"
+    IN_MEMORY[name] = "\n\n".join(texts)
+    return name
+
+
 def check_name(name: str, path: str) -> None:
     """Fail early (at validation) for a dataset that is neither built in, local, nor on the hub."""
-    if name in BUILTIN or name in HUB:
+    if name in BUILTIN or name in HUB or name in IN_MEMORY:
         return
     suffix = Path(name).suffix.lower()
     if suffix in LOCAL_SUFFIXES:
@@ -72,6 +96,8 @@ def load_text(name: str, purpose: str = "calibration", text_field: str = "text")
     import datasets
 
     datasets.disable_progress_bars()
+    if name in IN_MEMORY:
+        return IN_MEMORY[name]
     if name in BUILTIN or Path(name).suffix.lower() == ".txt":
         path = BUILTIN.get(name, Path(name))
         ds = datasets.load_dataset("text", data_files=str(path), sample_by="document", split="train")
