@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+# First (sorted before the rest, which import transformers, which imports torchao): see there.
+from lowrank_kit.compressed import quantization as _quantization  # noqa: F401
 from lowrank_kit.extension.hookspecs import hookimpl, hookspec
 from lowrank_kit.extension.strategy import Strategy
 from lowrank_kit.models import hf_classes as _hf_classes

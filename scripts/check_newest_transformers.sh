@@ -22,7 +22,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1
 if ! "$VENV/bin/python" -m pip install -q -c "$LOCK" torch==2.13.0 \
-    || ! "$VENV/bin/python" -m pip install -q -c "$LOCK" -e '.[plots,eval,dev]'; then
+    || ! "$VENV/bin/python" -m pip install -q -c "$LOCK" -e '.[plots,eval,quant,dev]'; then
   box "SKIPPED: could not install the locked set into $VENV (pip's error above)"; exit 0
 fi
 # Without the lock and past our own upper bound: pip warns that lowrank-kit's range is not met.

@@ -46,6 +46,19 @@ class CompressedCausalLM:
         super().__init__(config, *args, **kwargs)  # type: ignore[call-arg]
         install_modules(self, config.lowrank)  # type: ignore[arg-type]
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """A folder with int8 weights (torchao's safetensors layout) goes through lowrank-kit's loader;
+        every other one through transformers' own."""
+        config = kwargs.get("config")
+        if config is None or isinstance(config, str):
+            config = cls.config_class.from_pretrained(config or pretrained_model_name_or_path)
+        if (getattr(config, "lowrank", None) or {}).get("quantization"):
+            from lowrank_kit.persistence.saving import load_pretrained
+
+            return load_pretrained(pretrained_model_name_or_path, dtype=kwargs.get("dtype"))
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)  # type: ignore[misc]
+
 
 def install_modules(model: Any, lowrank: dict[str, Any]) -> None:
     """Swap in empty compressed modules of the saved shapes, then the saved decode strategy."""

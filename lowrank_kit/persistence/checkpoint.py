@@ -42,7 +42,7 @@ STATE = "run.json"
 SCORES = "scores.json"
 LAYERS = "layers"
 # Recipe sections that act only after the last layer is compressed: a resumed run may change them.
-AFTER_LAYERS = ("name", "decode", "evaluate", "output")
+AFTER_LAYERS = ("name", "decode", "evaluate", "quantize", "output")
 
 
 def partial_dir(folder: Path) -> Path:

@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from lowrank_kit.compressed import quantization
 from lowrank_kit.compressed.modules import LowRankLinear, ResizedLinear
 from lowrank_kit.models import hf_classes
 from lowrank_kit.models.attention import rebuild
@@ -80,13 +81,17 @@ def save_model_files(model: Any, tokenizer: Any, folder: Path, extra: dict[str, 
     decoder = getattr(model, "lowrank_decoder", None)
     model.config.lowrank = {"format": FORMAT_VERSION, "modules": module_specs(model),
                             "decode": decoder.spec() if decoder is not None else None, **(extra or {})}
+    if quantization.has_quantized(model):
+        model.config.lowrank["quantization"] = {"weights": "int8", "layout": "torchao-safetensors"}
     if not hf_classes.as_compressed(model):
         model.config.lowrank["format"] = LEGACY_FORMATS[-1]  # a family without a registered class
     model.config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
-    # drops the duplicate names of tied tensors; "pt" is what transformers writes and expects
-    save_model(model, str(folder / WEIGHTS), metadata={"format": "pt"})
+    if quantization.has_quantized(model):
+        quantization.save(model, folder / WEIGHTS)
+    else:  # drops the duplicate names of tied tensors; "pt" is what transformers writes and expects
+        save_model(model, str(folder / WEIGHTS), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
 
@@ -167,7 +172,9 @@ def load_pretrained(folder: str | Path, *, dtype: torch.dtype | str | None = Non
     saved = getattr(config, "dtype", None) or torch.float32
     dtype = dtype or (getattr(torch, saved) if isinstance(saved, str) else saved)
     try:
-        if lowrank["format"] in LEGACY_FORMATS:
+        if lowrank.get("quantization"):
+            model = _load_quantized(where, config, dtype)
+        elif lowrank["format"] in LEGACY_FORMATS:
             model = _load_legacy(where, config, lowrank, dtype)
         else:
             model, info = AutoModelForCausalLM.from_pretrained(where, config=config, dtype=dtype,
@@ -185,6 +192,23 @@ def load_pretrained(folder: str | Path, *, dtype: torch.dtype | str | None = Non
 
 # from_pretrained arguments that say where the files come from, so the config is read from there too
 HUB_ARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder", "force_download")
+
+
+def _load_quantized(where: str, config: Any, dtype: torch.dtype) -> Any:
+    """A folder with int8 weights: the compressed model built empty, then filled from the file."""
+    from transformers import AutoModelForCausalLM
+
+    if not quantization.available():
+        raise ImportError(f"'{where}' holds int8 weights; {quantization.EXTRA}")
+    if not Path(where).is_dir():
+        from huggingface_hub import snapshot_download
+
+        where = snapshot_download(where)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if not isinstance(model, hf_classes.CompressedCausalLM):  # a family without a registered class
+        hf_classes.install_modules(model, config.lowrank)
+    quantization.load(model, Path(where) / WEIGHTS)
+    return model
 
 
 def _load_legacy(where: str, config: Any, lowrank: dict[str, Any], dtype: torch.dtype) -> Any:

@@ -25,6 +25,7 @@ import pluggy
 import torch
 from lightning.fabric import Fabric
 
+from lowrank_kit.compressed import quantization
 from lowrank_kit.data.texts import calibration_windows, is_json, load_text, tokenize
 from lowrank_kit.evaluation.metrics import DECODE_INDEPENDENT, evaluate
 from lowrank_kit.extension.manager import run_manager
@@ -148,6 +149,9 @@ class Engine:
                 self._allocate(run, pm)
             with self.phase("compress"):
                 self._compress(run, pm)
+            if self.recipe.quantize.weights != "none":
+                with self.phase("quantize"):
+                    self._quantize(run, evaluations["dense"])
             return self._finish(run, pm, evaluations, dense_params)
         except BaseException as err:
             self._emit("on_exception", err)
@@ -249,6 +253,24 @@ class Engine:
         if ctx.checkpoints is not None and ctx.checkpoints.writer:
             run.notes["checkpoint_s"] = round(ctx.checkpoints.seconds, 2)  # part of the compress time
 
+    def _quantize(self, run: RunState, dense_rows: list[dict[str, Any]]) -> None:
+        """Quantise the compressed weights; with ``compare``, perplexity and speed before and after."""
+        spec = run.recipe.quantize
+        before = copy.deepcopy(run.model) if spec.compare else None
+        facts = quantization.quantize(run.model, run.adapter.layers, spec.weights)
+        if before is not None:
+            window = run.calibration[:1].to(run.fabric.device)
+            facts["speed"] = quantization.speed({"before": before, "after": run.model}, window)
+            first = next((i for i, e in enumerate(run.recipe.evaluate) if e.metric == "perplexity"), None)
+            if first is not None:
+                spec_ppl, dense = run.recipe.evaluate[first], dense_rows[first]
+                facts["perplexity"] = {
+                    "dataset": spec_ppl.dataset,
+                    "before": evaluate(before, run.tokenizer, spec_ppl, run.adapter.needs_bos, run.fabric,
+                                       desc="before quantising", progress=self._progress, dense=dense)["value"]}
+            del before
+        run.notes["quantization"] = facts
+
     def _finish(self, run: RunState, pm: pluggy.PluginManager, evaluations: dict[str, list[dict[str, Any]]],
                 dense_params: int, known: list[dict[str, Any] | None] | None = None) -> Result:
         """Decode, evaluate the compressed model (except rows ``known`` already), save, report."""
@@ -266,6 +288,9 @@ class Engine:
             with self.phase("save"):
                 io.write_model(run, checkpoints.folder)
         rep = report.build(run, dense_params, io.count_params(model), evaluations, self.timings)
+        weights = checkpoints.folder / io.WEIGHTS
+        if fabric.global_rank == 0 and weights.is_file():
+            rep["model_file_bytes"] = weights.stat().st_size
         files = {"generations.jsonl": report.generations_jsonl(evaluations)}
         saved = None
         if fabric.global_rank == 0:

@@ -120,6 +120,20 @@ class EvalSpec:
 
 
 @dataclass
+class QuantizeSpec:
+    weights: Literal["none", "int8"] = _help(
+        "after the low-rank step: int8 weight-only quantisation (one scale per row) of every decoder weight, "
+        "low-rank factors included, and of the embedding (the quant extra, torchao)", default="none")
+    compare: bool = _help("measure perplexity (first perplexity evaluation) and speed before and after "
+                          "quantising, for the report (holds a second copy of the model meanwhile)", default=True)
+
+    def check(self, path: str) -> None:
+        if self.weights != "none" and importlib.util.find_spec("torchao") is None:
+            raise RecipeError(join(path, "weights"), "weight quantisation needs torchao: "
+                                                     "pip install 'lowrank-kit[quant]'")
+
+
+@dataclass
 class RuntimeSpec:
     accelerator: Literal["auto", "cpu", "cuda", "gpu", "mps", "tpu"] = _help(
         "Lightning Fabric accelerator", default="auto")
@@ -188,6 +202,7 @@ class Recipe:
     score: list[StrategyChoice] = field(default_factory=list)
     decode: StrategyChoice | None = None
     evaluate: list[EvalSpec] = field(default_factory=list)
+    quantize: QuantizeSpec = field(default_factory=QuantizeSpec)
     runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
     output: OutputSpec = field(default_factory=OutputSpec)
     source: str | None = None
@@ -215,6 +230,7 @@ class Recipe:
             "transform": [c.to_dict() for c in self.transform],
             "decode": self.decode.to_dict() if self.decode else None,
             "evaluate": [to_dict(e) for e in self.evaluate],
+            "quantize": to_dict(self.quantize),
             "runtime": to_dict(self.runtime),
             "output": to_dict(self.output),
         }
@@ -224,6 +240,7 @@ SECTIONS: dict[str, Any] = {
     "model": ModelSpec,
     "calibration": DataSpec,
     "target": TargetSpec,
+    "quantize": QuantizeSpec,
     "runtime": RuntimeSpec,
     "output": OutputSpec,
 }

@@ -135,6 +135,27 @@ def _environment_line(rep: dict[str, Any]) -> list[str]:
             + (f" ×{env['processes']} processes" if env.get("processes", 1) > 1 else "")]
 
 
+def _quantization_lines(facts: dict[str, Any] | None, rep: dict[str, Any]) -> list[str]:
+    """The quantisation step: what it quantised, bytes, and perplexity and speed before/after."""
+    if not facts:
+        return []
+    size = facts["parameter_bytes"]
+    lines = ["", f"Weights quantised to {facts['method']} ({facts['library']}, {facts['tensors']} tensors): "
+                 f"parameters {size['before'] / 1e6:,.1f} MB → {size['after'] / 1e6:,.1f} MB"
+                 + (f", model.safetensors {rep['model_file_bytes'] / 1e6:,.1f} MB" if "model_file_bytes" in rep
+                    else "") + ".", ""]
+    if "speed" in facts or "perplexity" in facts:
+        lines += ["| compressed model | before quantising | after |", "|---|---:|---:|"]
+        if "perplexity" in facts:
+            after = next((r["compressed"] for r in rep["evaluation"] if r["metric"] == "perplexity"), None)
+            lines.append(f"| perplexity ({facts['perplexity']['dataset']}) | {facts['perplexity']['before']:.3f} | "
+                         + (f"{after:.3f} |" if after is not None else "– |"))
+        for key, label in (("prefill_tok_s", "prefill tok/s (1×512)"), ("generate_tok_s", "generate tok/s (32)")):
+            if "speed" in facts:
+                lines.append(f"| {label} | {facts['speed']['before'][key]:.1f} | {facts['speed']['after'][key]:.1f} |")
+    return lines
+
+
 def markdown(rep: dict[str, Any]) -> str:
     """A report a person can read: summary first, per-module ranks last."""
     s = rep["strategies"]
@@ -167,6 +188,7 @@ def markdown(rep: dict[str, Any]) -> str:
     lines += ["| phase | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in rep["timings_s"].items()]
     notes = rep.get("notes", {})
+    lines += _quantization_lines(notes.get("quantization"), rep)
     if "checkpoint_s" in notes:
         lines += ["", f"Compress includes {notes['checkpoint_s']:.1f} s of writing layer checkpoints (for --resume)."]
     if "resumed" in notes:
