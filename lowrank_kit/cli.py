@@ -156,6 +156,9 @@ def quiet() -> None:
     huggingface_hub.utils.disable_progress_bars()
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
+    from lowrank_kit.models import hf_compat
+
+    hf_compat.silence_gguf_progress()
 
 
 def build_parser() -> argparse.ArgumentParser:

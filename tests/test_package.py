@@ -45,12 +45,16 @@ def test_quiet_silences_the_libraries_bars() -> None:
     import datasets
     import huggingface_hub
     import transformers
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
+    bar = gguf_utils.tqdm
     try:
         quiet()
         assert not transformers.utils.logging.is_progress_bar_enabled()
         assert not datasets.is_progress_bar_enabled()
+        assert gguf_utils.tqdm([1, 2]).disable  # the GGUF loader's own bar
     finally:
+        gguf_utils.tqdm = bar
         transformers.utils.logging.enable_progress_bar()
         transformers.utils.logging.set_verbosity_warning()
         huggingface_hub.utils.enable_progress_bars()

@@ -83,3 +83,15 @@ def pop_cache(kwargs: dict[str, Any]) -> Any:
 def attention_function(module: Any) -> Callable[..., tuple[Any, Any]]:
     """The attention kernel the model's config selects (eager, SDPA, ...), from transformers' registry."""
     return ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager_attention_forward)
+
+
+def silence_gguf_progress() -> None:
+    """transformers' GGUF loader draws its own tqdm bar, which its progress-bar switch does not
+    reach; ``--quiet`` silences it here."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # gguf support not importable: no bar either
+        return
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is not None and not isinstance(bar, functools.partial):
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
