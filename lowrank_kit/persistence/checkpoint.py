@@ -138,8 +138,9 @@ class Checkpoints:
         else:
             if writer:
                 if usable:
-                    warnings.warn(f"discarding the unfinished run in '{folder}' ({state['done']} decoder layers "
-                                  "finished); --resume would have continued it", stacklevel=3)
+                    warnings.warn(f"discarding the unfinished run in '{folder}' ({state['done']} decoder "
+                                  f"layer{'s' if state['done'] != 1 else ''} finished); --resume would have "
+                                  "continued it", stacklevel=3)
                 elif resume:
                     warnings.warn(f"nothing to resume in '{folder}': starting from the first layer", stacklevel=3)
                 if folder.exists():
@@ -255,8 +256,9 @@ class Checkpoints:
         """What a failed or interrupted run leaves behind, for its message."""
         if not self.writer or not self.folder.exists() or not (self.done or self.state.get("scored")):
             return None
-        kept = f"{self.done} finished decoder layers" if self.done else "the scores"
-        return f"{kept} are kept in '{self.folder}'; rerun with --resume to continue"
+        kept = (f"{self.done} finished decoder layer{'s are' if self.done > 1 else ' is'}" if self.done
+                else "the scores are")
+        return f"{kept} kept in '{self.folder}'; rerun with --resume to continue"
 
     def _save_state(self) -> None:
         if self.writer:
