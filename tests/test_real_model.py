@@ -89,6 +89,16 @@ def test_flat_llm_beats_svd_llm_and_generates_after_reload(tmp_path: Path, smoll
     prompt = tokenizer("Anne Elliot walked to the window and", return_tensors="pt").input_ids
     kwargs = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": tokenizer.eos_token_id}
     assert torch.equal(flat.model.generate(prompt, **kwargs), reloaded.generate(prompt, **kwargs))
+    # a transformers model like any other: Auto classes, and save_pretrained of the in-memory
+    # result (a model that came from GGUF) round-trips
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        expected = reloaded(input_ids=prompt).logits
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(flat.output_dir)(input_ids=prompt).logits, expected)
+        flat.model.save_pretrained(tmp_path / "again")
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "again")(input_ids=prompt).logits,
+                           expected)
 
 
 def test_flrc_beats_uniform_svd_llm_and_decodes_progressively_after_reload(

@@ -95,3 +95,15 @@ def silence_gguf_progress() -> None:
     bar = getattr(gguf_utils, "tqdm", None)
     if bar is not None and not isinstance(bar, functools.partial):
         gguf_utils.tqdm = functools.partial(bar, disable=True)
+
+
+def forget_gguf_quantizer(model: Any) -> None:
+    """A model loaded from GGUF is dequantised to ordinary dense weights, but transformers keeps
+    its GGUF quantizer on the model (and in the config), so ``save_pretrained`` refuses it."""
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        if getattr(config, "quantization_config", None):
+            del config.quantization_config
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False

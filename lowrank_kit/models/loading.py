@@ -130,10 +130,9 @@ def load_model(path: str, gguf_file: str | None = None, dtype: str = "float32") 
     kwargs: dict[str, Any] = {"gguf_file": gguf} if gguf else {}
     tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[dtype], **kwargs)
-    # A dequantised GGUF model is an ordinary dense model; the quantization entry would only
-    # confuse saving and rebuilding it.
-    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
-        if getattr(config, "quantization_config", None) and gguf:
-            del config.quantization_config
+    if gguf:  # a dequantised GGUF model is an ordinary dense model, saved and rebuilt as one
+        from lowrank_kit.models import hf_compat
+
+        hf_compat.forget_gguf_quantizer(model)
     model.eval()
     return model, tokenizer
