@@ -54,6 +54,7 @@ def test_cli_eval_equals_simple_evaluate_on_hflm(tmp_path: Path, task_dir: Path,
     folder = compressed(tmp_path).output_dir
     assert main(["eval", str(folder), "--tasks", TASK, "--include-path", str(task_dir)]) == 0
     printed = capsys.readouterr().out
+    assert "Tasks" in printed and "Metric" in printed  # lm-eval's own table, with its headers
     line = next(row for row in printed.splitlines() if TASK in row)
     ours = float([cell for cell in line.split("|") if cell.strip()][-3])  # | task | ... | acc | ↑ | value | ± | err |
     direct = lm_eval.simple_evaluate(
