@@ -10,45 +10,16 @@ from typing import TYPE_CHECKING, Any
 
 from lowrank_kit.data.texts import in_memory
 from lowrank_kit.pipeline.engine import Engine, Result
-from lowrank_kit.recipe.loading import from_raw, load
+from lowrank_kit.recipe.loading import load, resolve_recipe
 from lowrank_kit.recipe.spec import Recipe
+
+# resolve_recipe lives with the recipe loading (the bench uses it too) and is part of this API.
+__all__ = ["bench", "compress", "load_recipe", "resolve_recipe"]
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
     from lowrank_kit.pipeline.callbacks import Callback
-
-
-def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
-    if isinstance(value, dict):
-        for key, sub in value.items():
-            _flatten(f"{prefix}.{key}", sub, out)
-    else:
-        out[prefix] = value
-
-
-def resolve_recipe(recipe: str | Path | dict[str, Any] | Recipe,
-                   overrides: dict[str, Any] | list[str] | None = None, **sections: Any) -> Recipe:
-    """A validated Recipe from a path, raw dict or Recipe, with overrides.
-
-    ``overrides`` are dotted paths (``{"target.ratio": 0.3}`` or ``["target.ratio=0.3"]``);
-    keyword sections merge key by key (``target={"ratio": 0.3}`` changes only the ratio).
-    """
-    merged: dict[str, Any] = {}
-    for key, value in sections.items():
-        _flatten(key, value, merged)
-    if isinstance(overrides, list):
-        extra = overrides + [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in merged.items()]
-        all_overrides: dict[str, Any] | list[str] = extra
-    else:
-        all_overrides = {**(overrides or {}), **merged}
-    if isinstance(recipe, Recipe):
-        if all_overrides:
-            return from_raw(recipe.to_dict(), all_overrides, source=recipe.source)
-        return recipe
-    if isinstance(recipe, dict):
-        return from_raw(recipe, all_overrides)
-    return load(recipe, all_overrides)
 
 
 def compress(recipe: str | Path | dict[str, Any] | Recipe, overrides: dict[str, Any] | list[str] | None = None, *,

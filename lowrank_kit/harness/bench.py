@@ -26,10 +26,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from lowrank_kit.api import resolve_recipe
 from lowrank_kit.models.loading import load_model
 from lowrank_kit.pipeline.cache import DenseStore
 from lowrank_kit.pipeline.engine import Engine, same_compression
+from lowrank_kit.recipe.loading import resolve_recipe
 from lowrank_kit.recipe.schema import RecipeError, to_dict
 from lowrank_kit.recipe.spec import Recipe
 

@@ -14,11 +14,17 @@ whose compressed layers were randomly re-initialised.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import torch
 import transformers
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from lowrank_kit.compressed.modules import LowRankLinear, ResizedLinear
+from lowrank_kit.models.attention import rebuild
 
 # base model type → (config class, causal-LM class) in transformers
 FAMILIES: dict[str, tuple[str, str]] = {
@@ -54,16 +60,46 @@ class CompressedCausalLM:
         if config is None or isinstance(config, str):
             config = cls.config_class.from_pretrained(config or pretrained_model_name_or_path)
         if (getattr(config, "lowrank", None) or {}).get("quantization"):
-            from lowrank_kit.persistence.saving import load_pretrained
-
-            return load_pretrained(pretrained_model_name_or_path, dtype=kwargs.get("dtype"))
+            return load_quantized(str(pretrained_model_name_or_path), config, kwargs.get("dtype") or torch.float32)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)  # type: ignore[misc]
+
+
+def module_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """The ``lowrank`` description of every compressed module, by its dotted name."""
+    return {name: module.spec() for name, module in model.named_modules() if callable(getattr(module, "spec", None))}
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _resized_linear(spec: dict[str, Any], _dense: nn.Module) -> nn.Module:
+    return ResizedLinear(spec["in_features"], spec["out_features"], bias=spec["bias"])
+
+
+def _low_rank_linear(spec: dict[str, Any], _dense: nn.Module) -> nn.Module:
+    return LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"], spec["bias"])
+
+
+# Module kind → builder of an empty compressed module from the dense one it replaces (shapes
+# only, weights are loaded afterwards); new compressed modules register here.
+MODULE_BUILDERS: dict[str, Callable[[dict[str, Any], nn.Module], nn.Module]] = {
+    "low_rank_linear": _low_rank_linear,
+    "linear": _resized_linear,
+    "value_dim_attention": rebuild,
+}
+
+
+def build_module(spec: dict[str, Any], dense: nn.Module) -> nn.Module:
+    kind = spec.get("kind")
+    if kind not in MODULE_BUILDERS:
+        raise ValueError(f"unknown compressed module kind {kind!r}; known: {sorted(MODULE_BUILDERS)}")
+    return MODULE_BUILDERS[kind](spec, dense)
 
 
 def install_modules(model: Any, lowrank: dict[str, Any]) -> None:
     """Swap in empty compressed modules of the saved shapes, then the saved decode strategy."""
-    from lowrank_kit.persistence.saving import build_module, set_module
-
     for name, spec in lowrank["modules"].items():
         dense = model.get_submodule(name)
         reference = next(dense.parameters())
@@ -116,3 +152,20 @@ def as_compressed(model: Any) -> bool:
 
 def _dense_class(base: str) -> type:
     return getattr(transformers, FAMILIES[base][1])
+
+
+def load_quantized(where: str, config: Any, dtype: torch.dtype) -> Any:
+    """A folder with int8 weights: the compressed model built empty, then filled from the file."""
+    from lowrank_kit.compressed import quantization
+
+    if not quantization.available():
+        raise ImportError(f"'{where}' holds int8 weights; {quantization.EXTRA}")
+    if not Path(where).is_dir():
+        from huggingface_hub import snapshot_download
+
+        where = snapshot_download(where)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if not isinstance(model, CompressedCausalLM):  # a family without a registered class
+        install_modules(model, config.lowrank)
+    quantization.load(model, Path(where) / "model.safetensors")
+    return model

@@ -32,6 +32,7 @@ import torch
 import transformers
 from safetensors.torch import load_model, save_model
 
+from lowrank_kit.models import hf_classes
 from lowrank_kit.recipe.schema import RecipeError
 
 if TYPE_CHECKING:
@@ -206,8 +207,6 @@ class Checkpoints:
         if not self.writer:
             self.state["done"] = index + 1
             return
-        from lowrank_kit.persistence.saving import module_specs
-
         start = time.perf_counter()
         layer = run.adapter.layers[index]
         folder = self.folder / LAYERS
@@ -215,7 +214,7 @@ class Checkpoints:
         tmp = folder / f".{index:03d}.tmp"
         save_model(layer, str(tmp))
         tmp.replace(folder / f"{index:03d}.safetensors")
-        self.state["layers"][str(index)] = module_specs(layer)
+        self.state["layers"][str(index)] = hf_classes.module_specs(layer)
         self.state["notes"] = json.loads(json.dumps(run.notes, default=str))
         self.state["done"] = index + 1
         self._save_state()
@@ -223,13 +222,11 @@ class Checkpoints:
 
     def restore_layer(self, run: RunState, index: int) -> None:
         """Put finished layer ``index`` (its compressed modules and weights) into the model."""
-        from lowrank_kit.persistence.saving import build_module, set_module
-
         layer = run.adapter.layers[index]
         reference = next(layer.parameters())
         for name, spec in self.state["layers"][str(index)].items():
-            built = build_module(spec, layer.get_submodule(name))
-            set_module(layer, name, built.to(device=reference.device, dtype=reference.dtype))
+            built = hf_classes.build_module(spec, layer.get_submodule(name))
+            hf_classes.set_module(layer, name, built.to(device=reference.device, dtype=reference.dtype))
         path = self.folder / LAYERS / f"{index:03d}.safetensors"
         try:
             missing, unexpected = load_model(layer, str(path), strict=True, device=str(reference.device))

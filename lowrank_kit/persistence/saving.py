@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,9 +22,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from lowrank_kit.compressed import quantization
-from lowrank_kit.compressed.modules import LowRankLinear, ResizedLinear
 from lowrank_kit.models import hf_classes
-from lowrank_kit.models.attention import rebuild
 from lowrank_kit.recipe.schema import RecipeError
 
 if TYPE_CHECKING:
@@ -66,20 +63,10 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # parameters() yields tied tensors once
 
 
-def module_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """The ``lowrank`` description of every compressed module, by its dotted name."""
-    return {name: module.spec() for name, module in model.named_modules() if callable(getattr(module, "spec", None))}
-
-
-def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def save_model_files(model: Any, tokenizer: Any, folder: Path, extra: dict[str, Any] | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     decoder = getattr(model, "lowrank_decoder", None)
-    model.config.lowrank = {"format": FORMAT_VERSION, "modules": module_specs(model),
+    model.config.lowrank = {"format": FORMAT_VERSION, "modules": hf_classes.module_specs(model),
                             "decode": decoder.spec() if decoder is not None else None, **(extra or {})}
     if quantization.has_quantized(model):
         model.config.lowrank["quantization"] = {"weights": "int8", "layout": "torchao-safetensors"}
@@ -125,30 +112,6 @@ def finish(run: RunState, partial: Path, folder: Path, report: dict[str, Any], o
     return folder
 
 
-def _resized_linear(spec: dict[str, Any], _dense: nn.Module) -> nn.Module:
-    return ResizedLinear(spec["in_features"], spec["out_features"], bias=spec["bias"])
-
-
-def _low_rank_linear(spec: dict[str, Any], _dense: nn.Module) -> nn.Module:
-    return LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"], spec["bias"])
-
-
-# Module kind → builder of an empty compressed module from the dense one it replaces (shapes
-# only, weights are loaded afterwards); new compressed modules register here.
-MODULE_BUILDERS: dict[str, Callable[[dict[str, Any], nn.Module], nn.Module]] = {
-    "low_rank_linear": _low_rank_linear,
-    "linear": _resized_linear,
-    "value_dim_attention": rebuild,
-}
-
-
-def build_module(spec: dict[str, Any], dense: nn.Module) -> nn.Module:
-    kind = spec.get("kind")
-    if kind not in MODULE_BUILDERS:
-        raise ValueError(f"unknown compressed module kind {kind!r}; known: {sorted(MODULE_BUILDERS)}")
-    return MODULE_BUILDERS[kind](spec, dense)
-
-
 def load_pretrained(folder: str | Path, *, dtype: torch.dtype | str | None = None,
                     device: str | torch.device | None = None, **from_pretrained: Any) -> PreTrainedModel:
     """A compressed model saved by lowrank-kit, from a folder or a hub id; its logits equal the
@@ -173,7 +136,7 @@ def load_pretrained(folder: str | Path, *, dtype: torch.dtype | str | None = Non
     dtype = dtype or (getattr(torch, saved) if isinstance(saved, str) else saved)
     try:
         if lowrank.get("quantization"):
-            model = _load_quantized(where, config, dtype)
+            model = hf_classes.load_quantized(where, config, dtype)
         elif lowrank["format"] in LEGACY_FORMATS:
             model = _load_legacy(where, config, lowrank, dtype)
         else:
@@ -192,23 +155,6 @@ def load_pretrained(folder: str | Path, *, dtype: torch.dtype | str | None = Non
 
 # from_pretrained arguments that say where the files come from, so the config is read from there too
 HUB_ARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder", "force_download")
-
-
-def _load_quantized(where: str, config: Any, dtype: torch.dtype) -> Any:
-    """A folder with int8 weights: the compressed model built empty, then filled from the file."""
-    from transformers import AutoModelForCausalLM
-
-    if not quantization.available():
-        raise ImportError(f"'{where}' holds int8 weights; {quantization.EXTRA}")
-    if not Path(where).is_dir():
-        from huggingface_hub import snapshot_download
-
-        where = snapshot_download(where)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    if not isinstance(model, hf_classes.CompressedCausalLM):  # a family without a registered class
-        hf_classes.install_modules(model, config.lowrank)
-    quantization.load(model, Path(where) / WEIGHTS)
-    return model
 
 
 def _load_legacy(where: str, config: Any, lowrank: dict[str, Any], dtype: torch.dtype) -> Any:

@@ -239,4 +239,36 @@ def from_raw(
         raise
 
 
-__all__ = ["Recipe", "RecipeError", "StrategyChoice", "from_raw", "load"]
+__all__ = ["Recipe", "RecipeError", "StrategyChoice", "from_raw", "load", "resolve_recipe"]
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            _flatten(f"{prefix}.{key}", sub, out)
+    else:
+        out[prefix] = value
+
+
+def resolve_recipe(recipe: str | Path | dict[str, Any] | Recipe,
+                   overrides: dict[str, Any] | list[str] | None = None, **sections: Any) -> Recipe:
+    """A validated Recipe from a path, raw dict or Recipe, with overrides.
+
+    ``overrides`` are dotted paths (``{"target.ratio": 0.3}`` or ``["target.ratio=0.3"]``);
+    keyword sections merge key by key (``target={"ratio": 0.3}`` changes only the ratio).
+    """
+    merged: dict[str, Any] = {}
+    for key, value in sections.items():
+        _flatten(key, value, merged)
+    if isinstance(overrides, list):
+        extra = overrides + [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in merged.items()]
+        all_overrides: dict[str, Any] | list[str] = extra
+    else:
+        all_overrides = {**(overrides or {}), **merged}
+    if isinstance(recipe, Recipe):
+        if all_overrides:
+            return from_raw(recipe.to_dict(), all_overrides, source=recipe.source)
+        return recipe
+    if isinstance(recipe, dict):
+        return from_raw(recipe, all_overrides)
+    return load(recipe, all_overrides)
