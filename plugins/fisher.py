@@ -5,9 +5,14 @@ accumulated over calibration batches (one backward pass per batch of ``calibrati
 windows, which bounds memory), float32; the importance of projection p is
 s_p = mean over its elements of sqrt(Σ g² / n_batches).
 
-Allocator: the kept parameter budget is split across units in proportion to their importance,
-in parameters (not ranks: shapes differ), each capped at its dense size with the excess
-redistributed, then converted to ranks rounded down to ``multiple``. Units that group several
+Allocator, ``rule: parameters`` (our reading of §3a): the kept parameter budget is split across
+units in proportion to their importance, in parameters (not ranks: shapes differ), each capped
+at its dense size with the excess redistributed, then converted to ranks rounded down to
+``multiple``. ``rule: ranks`` (the same group's earlier code, Palu's rank search): the budget
+is split in rank units in proportion to importance, each capped at the unit's full rank.
+Deviation from Palu: its floor-then-hand-out-the-remainder step and its final rounding to 32
+(which leave the achieved ratio wherever they land) are replaced by the same bisection as
+below, so the ratio counted from the rounded ranks meets the target. Units that group several
 projections (head-wise PCA's v+o, Nyström's MLP) take the element-weighted mean of their
 projections' s_p, so the allocator drives any transform. As for IPRS, the budget is then
 bisected so the ratio counted from the rounded ranks meets the target.
@@ -16,6 +21,7 @@ bisected so the ratio counted from the rounded ranks meets the target.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from lowrank_kit.extend import (
     PROJECTIONS,
@@ -72,6 +78,9 @@ class FisherScore(Strategy):
 class FisherAllocatorArgs:
     multiple: int = field(default=1, metadata={"help": "round ranks down to a multiple of this (8 or 32 on large "
                                                         "models, for fast kernels)"})
+    rule: Literal["parameters", "ranks"] = field(default="parameters", metadata={
+        "help": "split the budget in proportion to importance in parameters (ALGORITHMS.md §3a) or in rank units "
+                "(Palu's rank search)"})
 
     def check(self, path: str) -> None:
         if self.multiple < 1:
@@ -112,20 +121,28 @@ class FisherAllocator(Strategy):
         keep = uniform_fraction(units, total, run.target_ratio)
         layers = geometry.layers
 
+        by_rank = self.args.rule == "ranks"
+        caps = [float(u.max_rank) for u in units] if by_rank else sizes
+
         def plan_for(budget: float) -> RankPlan:
-            kept = capped_shares(importance, sizes, budget)
-            ranks = {u.name: round_rank(u, u.rank_for_fraction(p / u.dense_params), self.args.multiple)
-                     for u, p in zip(units, kept, strict=True)}
+            kept = capped_shares(importance, caps, budget)
+            if by_rank:  # shares are ranks
+                ranks = {u.name: round_rank(u, max(1, int(share)), self.args.multiple)
+                         for u, share in zip(units, kept, strict=True)}
+            else:  # shares are parameters
+                ranks = {u.name: round_rank(u, u.rank_for_fraction(share / u.dense_params), self.args.multiple)
+                         for u, share in zip(units, kept, strict=True)}
             plan = RankPlan(ranks=ranks, allocator=self.name)
             per_layer = [[0, 0] for _ in range(layers)]
             for u in units:
                 per_layer[u.layer][0] += u.params(plan.rank(u))
                 per_layer[u.layer][1] += u.dense_params
             plan.layer_fractions = [k / d if d else 1.0 for k, d in per_layer]
-            plan.notes = {"keep_fraction": keep, "budget_params": budget, "multiple": self.args.multiple}
+            plan.notes = {"keep_fraction": keep, "budget": budget, "rule": self.args.rule,
+                          "multiple": self.args.multiple}
             return plan
 
-        return largest_meeting_target(plan_for, sum(sizes), lambda p: achieved_ratio(p, units, total),
+        return largest_meeting_target(plan_for, sum(caps), lambda p: achieved_ratio(p, units, total),
                                       run.target_ratio)
 
 

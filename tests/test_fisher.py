@@ -6,6 +6,7 @@ import copy
 import itertools
 from pathlib import Path
 from types import SimpleNamespace
+from typing import ClassVar
 
 import pytest
 import torch
@@ -117,3 +118,38 @@ def test_fisher_drives_headwise_pca_and_nystrom(tmp_path: Path) -> None:
     result = compress(recipe, model=tiny_model("qwen2"), tokenizer=ByteTokenizer(), progress=False)
     assert result.report["achieved_ratio"] >= 0.3
     assert {m["transform"] for m in result.report["modules"]} == {"headwise_pca", "nystrom"}
+
+
+class _Geometry:
+    """Three hand-made projections: q and k 100×100, gate 100×300 (dense sizes by projection)."""
+
+    sizes: ClassVar[dict[str, int]] = {"q_proj": 100 * 100, "k_proj": 100 * 100, "gate_proj": 100 * 300}
+    total_linear_params = sum(sizes.values())
+    layers = 1
+
+    def dense_params(self, projection: str) -> int:
+        return self.sizes[projection]
+
+
+@pytest.mark.parametrize(("rule", "expected"), [("ranks", [6, 20, 48]), ("parameters", [11, 34, 40])])
+def test_fisher_rules_against_a_hand_computed_example(rule: str, expected: list[int]) -> None:
+    """Importances 1, 3, 7 at ratio 0.5 (keep at most 25,000 of 50,000 parameters; a rank of q or
+    k costs 200 parameters, of gate 400).
+
+    ranks: r = B·(1, 3, 7)/11; below B = 77 (where all three reach (7, 21, 49) = 25,200) the
+    floored ranks are (6, 20, 48) = 24,400.
+    parameters: shares P·(1, 3, 7)/11; gate's 40th rank arrives at P = 25,142.9 giving
+    (11, 34, 40) = 25,000 (exactly half), k's 35th only at P = 25,666.7 (25,200: too many).
+    """
+    from types import SimpleNamespace
+
+    from lowrank_kit_plugins.fisher import FisherAllocator, FisherAllocatorArgs
+
+    from lowrank_kit.compressed.plan import Unit
+
+    units = [Unit(name=f"layers.0.{p}", layer=0, projections=(p,), transform="svd", dense_params=n,
+                  rank_cost=100 + n // 100, max_rank=100) for p, n in _Geometry.sizes.items()]
+    run = SimpleNamespace(geometry=_Geometry(), target_ratio=0.5,
+                          scores={"layers.0.q_proj": 1.0, "layers.0.k_proj": 3.0, "layers.0.gate_proj": 7.0})
+    plan = FisherAllocator(FisherAllocatorArgs(rule=rule)).lowrank_allocate(run=run, units=units)
+    assert [plan.rank(u) for u in units] == expected
