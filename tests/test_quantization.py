@@ -87,3 +87,22 @@ def test_quantisation_without_torchao_is_a_located_error(monkeypatch: pytest.Mon
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
     with pytest.raises(RecipeError, match=r"quantize\.weights: weight quantisation needs torchao.*\[quant\]"):
         load("flat_llm", ["quantize.weights=int8"])
+
+
+def test_a_tied_embedding_is_saved_once_and_reloads_tied(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    from lowrank_kit.testing import tiny_config
+
+    config = tiny_config("llama")
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    raw = tiny_recipe(tmp_path, ratio=0.3, **KINDS, quantize={"weights": "int8", "compare": False})
+    result = compress(raw, model=model, tokenizer=ByteTokenizer(), progress=False)
+    assert result.model.lm_head.weight is result.model.get_input_embeddings().weight
+    with safe_open(str(result.output_dir / "model.safetensors"), framework="pt") as handle:
+        assert not [k for k in handle.keys() if k.startswith("lm_head")]  # noqa: SIM118
+    reloaded = load_pretrained(result.output_dir)
+    assert reloaded.lm_head.weight is reloaded.get_input_embeddings().weight
+    assert torch.equal(logits(reloaded), logits(result.model))

@@ -61,8 +61,12 @@ def weights_sha(folder: Path) -> str:
 class StopAt(Callback):
     """Ctrl-C at the start of a layer (or of a phase)."""
 
-    def __init__(self, layer: int | None = None, phase: str | None = None):
-        self.layer, self.phase = layer, phase
+    def __init__(self, layer: int | None = None, phase: str | None = None, batches: str | None = None):
+        self.layer, self.phase, self.batches = layer, phase, batches
+
+    def on_batches_start(self, run: Any, label: str, total: int) -> None:
+        if self.batches is not None and label.startswith(self.batches):
+            raise AssertionError(f"a '{label}' pass ran")
 
     def on_layer_start(self, run: Any, layer: int) -> None:
         if layer == self.layer:
@@ -98,6 +102,20 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path: Path, kind: str
     assert "Resumed an interrupted run from decoder layer 4" in (resumed.output_dir / "report.md").read_text()
     assert not partial.exists() and not (resumed.output_dir / "layers").exists()
     assert not (resumed.output_dir / STATE).exists()
+
+
+def test_scores_come_back_from_the_partial_folder_without_a_cache(tmp_path: Path) -> None:
+    """With output.cache_dir null the only copy of the scores is the checkpoint's scores.json."""
+    reference = recipe(tmp_path, "flat", "reference")
+    reference["output"]["cache_dir"] = None
+    expected = weights_sha(run(reference).output_dir)
+    raw = recipe(tmp_path, "flat", "resumed")
+    raw["output"]["cache_dir"] = None
+    with pytest.raises(KeyboardInterrupt):
+        run(raw, callbacks=[StopAt(layer=2)])
+    resumed = run(raw, resume=True, callbacks=[StopAt(batches="score")])  # a scoring pass would stop it
+    assert resumed.report["notes"]["scores"] == {"cached": True}
+    assert weights_sha(resumed.output_dir) == expected
 
 
 def test_a_run_killed_during_save_resumes(tmp_path: Path) -> None:
@@ -144,7 +162,9 @@ def test_a_failure_before_any_layer_leaves_no_partial_folder(tmp_path: Path) -> 
 
 
 CHILD = textwrap.dedent("""
+    import os
     import sys
+    import time
     sys.path.insert(0, {tests!r})
     from conftest import ByteTokenizer
     from test_resume import deep_model
@@ -152,11 +172,15 @@ CHILD = textwrap.dedent("""
     from lowrank_kit.pipeline import engine
     from lowrank_kit.pipeline.callbacks import Callback
 
+    STALL = float(os.environ.get("STALL_S", "0"))  # time for a signal to land before the work goes on
+
     class Announce(Callback):
         def on_layer_start(self, run, layer):
             print(f"layer {{layer}}", flush=True)
+            time.sleep(STALL)
         def on_phase_start(self, run, phase):
             print(f"phase {{phase}}", flush=True)
+            time.sleep(STALL * 10 if phase == "save" else 0)
 
     engine.load_model = lambda *args: (deep_model(), ByteTokenizer())  # the tiny model stands in for model.path
     start = engine.Engine.__init__
@@ -168,14 +192,14 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def child(tmp_path: Path, raw: dict[str, Any], *flags: str) -> subprocess.Popen[str]:
+def child(tmp_path: Path, raw: dict[str, Any], *flags: str, stall_s: float = 0.0) -> subprocess.Popen[str]:
     path = tmp_path / f"{Path(raw['output']['dir']).name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     script = tmp_path / "child.py"
     script.write_text(CHILD.format(tests=str(Path(__file__).parent)))
     return subprocess.Popen([sys.executable, str(script), "compress", str(path), "--quiet", *flags],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+                            env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "STALL_S": str(stall_s)})
 
 
 def finish(process: subprocess.Popen[str]) -> str:
@@ -208,7 +232,7 @@ def test_kill_9_then_resume_gives_the_same_weights(tmp_path: Path, where: str, r
     layer = random.randrange(LAYERS)
     stop = "phase save" if where == "save" else f"layer {layer}"
     raw = recipe(tmp_path, "flat", "killed")
-    process = child(tmp_path, raw)
+    process = child(tmp_path, raw, stall_s=0.3)
     stop_child(process, stop, signal.SIGKILL)
     process.wait(timeout=300)
     assert process.returncode == -signal.SIGKILL
@@ -224,7 +248,7 @@ def test_kill_9_then_resume_gives_the_same_weights(tmp_path: Path, where: str, r
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_or_sigterm_says_where_and_what_is_kept(tmp_path: Path, sig: int) -> None:
     raw = recipe(tmp_path, "flat", "out")
-    process = child(tmp_path, raw)
+    process = child(tmp_path, raw, stall_s=0.3)
     stop_child(process, "layer 3", sig)
     _, err = process.communicate(timeout=300)
     assert process.returncode == 130

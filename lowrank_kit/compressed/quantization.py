@@ -87,7 +87,7 @@ def quantize(model: Any, layers: nn.ModuleList, method: str = "int8") -> dict[st
     for layer in layers:
         for module in layer.modules():
             for name, param in list(module.named_parameters(recurse=False)):
-                if param.dim() == 2 and not is_quantized(param):
+                if param.dim() == 2 and param.numel() and not is_quantized(param):  # a rank-0 factor stays
                     setattr(module, name, _int8(param))
                     count += 1
     embedding = model.get_input_embeddings()
@@ -111,7 +111,9 @@ def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with each tied tensor (lm_head = embedding) once; ``tie_weights`` restores it."""
     state, seen = {}, set()
     for name, tensor in model.state_dict().items():
-        key = id(tensor) if is_quantized(tensor) else (tensor.data_ptr(), tensor.shape, tensor.dtype)
+        # state_dict() wraps a tied quantised tensor anew under each name: compare its storage
+        data = tensor.qdata if is_quantized(tensor) else tensor
+        key = (data.data_ptr(), tuple(tensor.shape), data.dtype)
         if key not in seen:
             seen.add(key)
             state[name] = tensor if is_quantized(tensor) else tensor.contiguous()

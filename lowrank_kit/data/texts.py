@@ -7,6 +7,7 @@ local .txt/.json/.jsonl files and hub names (for users who are online) work the 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -48,8 +49,10 @@ def in_memory(data: Any, text_field: str = "text") -> str:
         texts = list(data)
     if not texts or not all(isinstance(t, str) for t in texts):
         raise RecipeError("dataset", "in-memory data must be a non-empty list of strings or a Dataset of texts")
-    name = f"in-memory-{len(IN_MEMORY) + 1}"
-    IN_MEMORY[name] = "\n\n".join(texts)
+    text = "\n\n".join(texts)
+    # named by content, so caches and resumed runs keyed by the name never mix two datasets
+    name = f"in-memory-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+    IN_MEMORY[name] = text
     return name
 
 

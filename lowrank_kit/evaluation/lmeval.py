@@ -46,9 +46,9 @@ def load_any(pretrained: str) -> tuple[Any, Any]:
 
 def language_model(model: Any, tokenizer: Any, batch_size: int = 1, device: Any = None) -> Any:
     """lm-eval's ``HFLM`` around an already loaded model (any causal LM, compressed or not)."""
+    _lm_eval()
     from lm_eval.models.huggingface import HFLM
 
-    _lm_eval()
     kwargs = {"device": str(device)} if device is not None else {}
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, backend="causal", **kwargs)
 
@@ -108,8 +108,11 @@ def row(model: Any, tokenizer: Any, spec: EvalSpec, needs_bos: bool, fabric: Any
     """One report row: the mean headline score over the tasks, each task's metrics in the details."""
     results = run(model, tokenizer, spec.tasks, spec.num_fewshot, spec.limit, spec.include_path, spec.batch_size,
                   fabric.device if fabric is not None else None)
-    per_task = scores(results)
-    values = [headline(metrics) for metrics in per_task.values() if metrics]
+    # the tasks asked for: a group task (e.g. mmlu) also lists its subtasks, which must not count twice
+    per_task = {task: metrics for task, metrics in scores(results).items() if task in spec.tasks and metrics}
+    if not per_task:
+        raise ValueError(f"lm-eval gave no numeric score for {spec.tasks}")
+    values = [headline(metrics) for metrics in per_task.values()]
     samples = sum(int(n.get("effective", n.get("original", 0))) for n in results.get("n-samples", {}).values())
     return {"metric": "lm_eval", "dataset": ",".join(spec.tasks), "tokens": samples,
             "value": sum(values) / len(values), "tasks": per_task}

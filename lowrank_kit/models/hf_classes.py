@@ -60,7 +60,9 @@ class CompressedCausalLM:
         if config is None or isinstance(config, str):
             config = cls.config_class.from_pretrained(config or pretrained_model_name_or_path)
         if (getattr(config, "lowrank", None) or {}).get("quantization"):
-            return load_quantized(str(pretrained_model_name_or_path), config, kwargs.get("dtype") or torch.float32)
+            saved = getattr(config, "dtype", None) or torch.float32
+            dtype = kwargs.get("dtype") or (getattr(torch, saved) if isinstance(saved, str) else saved)
+            return load_quantized(str(pretrained_model_name_or_path), config, dtype)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)  # type: ignore[misc]
 
 

@@ -33,7 +33,7 @@ import transformers
 from safetensors.torch import load_model, save_model
 
 from lowrank_kit.models import hf_classes
-from lowrank_kit.recipe.schema import RecipeError
+from lowrank_kit.recipe.schema import RecipeError, flat_fields
 
 if TYPE_CHECKING:
     from lowrank_kit.pipeline.state import RunState
@@ -59,15 +59,6 @@ def _versions() -> dict[str, str]:
 
 def _resume_key(recipe: Recipe) -> dict[str, Any]:
     return json.loads(json.dumps({k: v for k, v in recipe.to_dict().items() if k not in AFTER_LAYERS}, default=str))
-
-
-def _flat(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
-    if isinstance(value, dict):
-        for key, sub in value.items():
-            _flat(f"{prefix}.{key}" if prefix else str(key), sub, out)
-    else:
-        out[prefix] = value
-    return out
 
 
 def _alive(pid: int) -> bool:
@@ -155,7 +146,7 @@ class Checkpoints:
 
     @staticmethod
     def _check_recipe(folder: Path, state: dict[str, Any], recipe: Recipe) -> None:
-        here, there = _flat("", _resume_key(recipe), {}), _flat("", state.get("recipe", {}), {})
+        here, there = flat_fields(_resume_key(recipe)), flat_fields(state.get("recipe", {}))
         changed = sorted(k for k in here.keys() | there.keys() if here.get(k) != there.get(k))
         if changed:
             first = changed[0]
@@ -223,19 +214,13 @@ class Checkpoints:
     def restore_layer(self, run: RunState, index: int) -> None:
         """Put finished layer ``index`` (its compressed modules and weights) into the model."""
         layer = run.adapter.layers[index]
-        reference = next(layer.parameters())
-        for name, spec in self.state["layers"][str(index)].items():
-            built = hf_classes.build_module(spec, layer.get_submodule(name))
-            hf_classes.set_module(layer, name, built.to(device=reference.device, dtype=reference.dtype))
+        hf_classes.install_modules(layer, {"modules": self.state["layers"][str(index)]})
         path = self.folder / LAYERS / f"{index:03d}.safetensors"
-        try:
-            missing, unexpected = load_model(layer, str(path), strict=True, device=str(reference.device))
-        except Exception as err:  # a missing or damaged file: the folder cannot give this layer back
+        try:  # strict: a missing, damaged or mismatched file raises
+            load_model(layer, str(path), strict=True, device=str(next(layer.parameters()).device))
+        except Exception as err:  # the folder cannot give this layer back
             raise RecipeError("output.dir", f"cannot resume from '{self.folder}': layer {index} does not load "
                                             f"({type(err).__name__}: {err}); run without --resume") from None
-        if missing or unexpected:
-            raise RecipeError("output.dir", f"cannot resume from '{self.folder}': layer {index} does not match "
-                                            "the model; run without --resume")
 
     def finish(self) -> None:
         """Drop the checkpoint files before the folder becomes the output."""
@@ -244,10 +229,16 @@ class Checkpoints:
             for name in (SCORES, STATE):
                 (self.folder / name).unlink(missing_ok=True)
 
-    def discard_if_empty(self) -> None:
-        """After a failure: remove the folder when it holds nothing worth resuming."""
-        if self.writer and not self.done and not self.state.get("scored") and self.folder.exists():
+    def release(self) -> None:
+        """After a failure: remove the folder when it holds nothing worth resuming, else give up
+        its ownership (this process may live on, e.g. a notebook, and must not block a rerun)."""
+        if not self.writer or not self.folder.exists():
+            return
+        if not self.done and not self.state.get("scored"):
             shutil.rmtree(self.folder, ignore_errors=True)
+        elif (self.folder / STATE).exists():
+            self.state["pid"] = None
+            self._save_state()
 
     def hint(self) -> str | None:
         """What a failed or interrupted run leaves behind, for its message."""

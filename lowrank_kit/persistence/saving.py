@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -95,8 +96,10 @@ def write_model(run: RunState, partial: Path) -> None:
 
 
 def finish(run: RunState, partial: Path, folder: Path, report: dict[str, Any], overwrite: bool = False,
-           files: dict[str, str] | None = None) -> Path:
-    """Add the resolved recipe, the report and ``files`` (name → text), then move the folder into place."""
+           files: dict[str, str] | None = None, before_move: Callable[[], None] | None = None) -> Path:
+    """Add the resolved recipe, the report and ``files`` (name → text), then move the folder into
+    place; ``before_move`` runs last before the move (the checkpoint files are dropped there, so
+    a failure up to that point leaves them for --resume)."""
     from lowrank_kit.reporting.report import markdown
 
     for name, text in (files or {}).items():
@@ -106,6 +109,8 @@ def finish(run: RunState, partial: Path, folder: Path, report: dict[str, Any], o
     (partial / "report.json").write_text(json.dumps(report, indent=2))
     (partial / "report.md").write_text(markdown(report))
     check_output_dir(folder, overwrite)
+    if before_move is not None:
+        before_move()
     if folder.exists():
         shutil.rmtree(folder)
     partial.rename(folder)
@@ -164,7 +169,8 @@ def _load_legacy(where: str, config: Any, lowrank: dict[str, Any], dtype: torch.
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     hf_classes.install_modules(model, lowrank)
     model.tie_weights()
-    missing, unexpected = load_model(model, str(Path(where) / WEIGHTS), strict=True)
-    if missing or unexpected:
-        raise ValueError(f"weights do not match the rebuilt model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    try:
+        load_model(model, str(Path(where) / WEIGHTS), strict=True)
+    except RuntimeError as err:  # strict: names or shapes that do not match the rebuilt model
+        raise ValueError(f"weights in '{where}' do not match the rebuilt model: {err}") from None
     return model

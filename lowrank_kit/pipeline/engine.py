@@ -161,7 +161,7 @@ class Engine:
     def _after_failure(self, err: BaseException) -> None:
         """Describe the failure (one line, the traceback in a log) and say what it left behind."""
         if self.checkpoints is not None:
-            self.checkpoints.discard_if_empty()
+            self.checkpoints.release()
             err.lowrank_hint = self.checkpoints.hint()  # type: ignore[attr-defined]
         if hasattr(err, "lowrank_summary"):
             return
@@ -294,8 +294,8 @@ class Engine:
         files = {"generations.jsonl": report.generations_jsonl(evaluations)}
         saved = None
         if fabric.global_rank == 0:
-            checkpoints.finish()
-            saved = io.finish(run, checkpoints.folder, out_dir, rep, self.overwrite, files)
+            saved = io.finish(run, checkpoints.folder, out_dir, rep, self.overwrite, files,
+                              before_move=checkpoints.finish)
         self._emit("on_run_end", rep)
         return Result(model=model, tokenizer=run.tokenizer, report=rep, output_dir=saved, run=run,
                       evaluations=evaluations, dense_params=dense_params)
@@ -337,16 +337,17 @@ class Engine:
             "score": [c.to_dict() for c in recipe.score],
         }
         cached = cache.get("scores", key)
-        if cached is None and self.checkpoints is not None:
-            cached = self.checkpoints.scores()
+        keeps = self.checkpoints if self.checkpoint else None  # a bench resumes by cell instead
+        if cached is None and keeps is not None:
+            cached = keeps.scores()
         if cached is not None:
             run.scores.update(cached)
             run.notes["scores"] = {"cached": True}
             return
         ScoringPass().run(self._context(run, pm))
         cache.put("scores", key, run.scores)
-        if self.checkpoints is not None:
-            self.checkpoints.save_scores(run.scores)
+        if keeps is not None:
+            keeps.save_scores(run.scores)
         run.notes["scores"] = {"cached": False}
 
     def _data_key(self, run: RunState) -> dict[str, Any]:

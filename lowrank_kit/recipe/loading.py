@@ -16,7 +16,7 @@ from typing import Any
 from lowrank_kit.data.texts import check_name
 from lowrank_kit.extension.manager import registry
 from lowrank_kit.recipe import yaml_input
-from lowrank_kit.recipe.schema import RecipeError, closest, from_dict, join
+from lowrank_kit.recipe.schema import RecipeError, closest, flat_fields, from_dict, join
 from lowrank_kit.recipe.spec import SECTIONS, TOP_KEYS, EvalSpec, Recipe, StrategyChoice
 
 
@@ -242,14 +242,6 @@ def from_raw(
 __all__ = ["Recipe", "RecipeError", "StrategyChoice", "from_raw", "load", "resolve_recipe"]
 
 
-def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
-    if isinstance(value, dict):
-        for key, sub in value.items():
-            _flatten(f"{prefix}.{key}", sub, out)
-    else:
-        out[prefix] = value
-
-
 def resolve_recipe(recipe: str | Path | dict[str, Any] | Recipe,
                    overrides: dict[str, Any] | list[str] | None = None, **sections: Any) -> Recipe:
     """A validated Recipe from a path, raw dict or Recipe, with overrides.
@@ -259,7 +251,7 @@ def resolve_recipe(recipe: str | Path | dict[str, Any] | Recipe,
     """
     merged: dict[str, Any] = {}
     for key, value in sections.items():
-        _flatten(key, value, merged)
+        merged.update(flat_fields(value, key))
     if isinstance(overrides, list):
         extra = overrides + [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in merged.items()]
         all_overrides: dict[str, Any] | list[str] = extra

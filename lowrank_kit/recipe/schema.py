@@ -44,6 +44,16 @@ def closest(name: str, choices: Iterable[str]) -> str:
 LARGEST = 2**53
 
 
+def flat_fields(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as dotted paths: ``{"a": {"b": 1}}`` → ``{"a.b": 1}`` (a non-mapping is ``{prefix: value}``)."""
+    if not isinstance(value, dict):
+        return {prefix: value}
+    out: dict[str, Any] = {}
+    for key, sub in value.items():
+        out.update(flat_fields(sub, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
 def join(path: str, key: str | int) -> str:
     if isinstance(key, int):
         return f"{path}[{key}]"
