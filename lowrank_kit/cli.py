@@ -124,14 +124,11 @@ examples:
 
 
 def versions() -> str:
-    import lightning
-    import torch
-    import transformers
+    from lowrank_kit.reporting.report import library_versions
 
-    from lowrank_kit import __version__
-
-    return (f"lowrank-kit {__version__} (torch {torch.__version__}, transformers {transformers.__version__}, "
-            f"lightning {lightning.__version__})")
+    v = library_versions()
+    return (f"lowrank-kit {v['lowrank_kit']} (torch {v['torch']}, transformers {v['transformers']}, "
+            f"lightning {v['lightning']})")
 
 
 class _Version(argparse.Action):

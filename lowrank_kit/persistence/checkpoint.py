@@ -28,12 +28,11 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-import transformers
 from safetensors.torch import load_model, save_model
 
 from lowrank_kit.models import hf_classes
 from lowrank_kit.recipe.schema import RecipeError, flat_fields
+from lowrank_kit.reporting.report import library_versions
 
 if TYPE_CHECKING:
     from lowrank_kit.pipeline.state import RunState
@@ -49,12 +48,6 @@ AFTER_LAYERS = ("name", "decode", "evaluate", "quantize", "output")
 def partial_dir(folder: Path) -> Path:
     """The private folder a run writes into before it becomes ``folder``."""
     return folder.with_name(f".{folder.name}.partial")
-
-
-def _versions() -> dict[str, str]:
-    from lowrank_kit import __version__
-
-    return {"lowrank_kit": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def _resume_key(recipe: Recipe) -> dict[str, Any]:
@@ -103,7 +96,7 @@ class Checkpoints:
         self.folder = folder
         self.writer = writer
         self.key = _resume_key(recipe)
-        self.state: dict[str, Any] = state or {"recipe": self.key, "versions": _versions(), "fingerprint": None,
+        self.state: dict[str, Any] = state or {"recipe": self.key, "versions": library_versions(), "fingerprint": None,
                                                "done": 0, "layers": {}, "notes": {}}
         self.resumed = state is not None  # whether this run continues an unfinished one
         self.seconds = 0.0  # spent writing layer checkpoints, for the report
@@ -154,7 +147,7 @@ class Checkpoints:
                                      f"{first}={there.get(first)!r}, this recipe has {here.get(first)!r}"
                                      + (f" ({len(changed)} fields differ)" if len(changed) > 1 else "")
                                      + "; run without --resume to start over")
-        versions, now = state.get("versions", {}), _versions()
+        versions, now = state.get("versions", {}), library_versions()
         if versions != now:
             raise RecipeError("output.dir", f"cannot resume the unfinished run in '{folder}': it was made with "
                                             f"{versions}, this is {now}; run without --resume to start over")

@@ -71,20 +71,25 @@ def generations_jsonl(evaluations: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(lines) + "\n" if lines else ""
 
 
-def environment(device: torch.device, processes: int = 1) -> dict[str, Any]:
-    """The versions and the device a report's numbers were measured with."""
+def library_versions() -> dict[str, str]:
+    """lowrank-kit and the libraries whose versions decide its numbers (reports, --version, resume)."""
     import lightning
     import transformers
 
     from lowrank_kit import __version__
 
+    return {"lowrank_kit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "lightning": lightning.__version__}
+
+
+def environment(device: torch.device, processes: int = 1) -> dict[str, Any]:
+    """The versions and the device a report's numbers were measured with."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
         name = f"{platform.machine() or 'cpu'} CPU, {torch.get_num_threads()} threads"
-    return {"lowrank_kit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "lightning": lightning.__version__, "python": platform.python_version(),
-            "device": f"{device.type}: {name}", "processes": processes}
+    return {**library_versions(), "python": platform.python_version(), "device": f"{device.type}: {name}",
+            "processes": processes}
 
 
 def build(run: RunState, dense_params: int, compressed_params: int, evaluations: dict[str, list[dict[str, Any]]],
