@@ -6,12 +6,22 @@ package is free to move behind it.
 
 from __future__ import annotations
 
-from lowrank_kit.calibration.stats import AbsMean, AngularChange, Gram, HeadGram, SquaredGrad, Statistic, Tap
+from lowrank_kit.calibration.stats import (
+    AbsMean,
+    AngularChange,
+    GradEnergy,
+    Gram,
+    HeadGram,
+    SquaredGrad,
+    Statistic,
+    Tap,
+)
 from lowrank_kit.compressed.decoding import install as install_decoder
 from lowrank_kit.compressed.factorization import ProjectionFactorization, projection_units
 from lowrank_kit.compressed.linalg import Spectrum, psd_cholesky, scaled_spectrum, svd_spectrum, whitened_spectrum
-from lowrank_kit.compressed.modules import LowRankLinear, ResizedLinear, SliceableRank
+from lowrank_kit.compressed.modules import HeadwiseLowRank, LowRankLinear, ResizedLinear, SliceableRank
 from lowrank_kit.compressed.plan import (
+    ErrorCurve,
     RankPlan,
     Unit,
     achieved_ratio,
@@ -40,8 +50,10 @@ from lowrank_kit.pipeline.state import RunState
 from lowrank_kit.recipe.schema import RecipeError
 
 __all__ = [
-    "ATTENTION_PROJECTIONS", "MLP_PROJECTIONS", "PROJECTIONS", "AbsMean", "AngularChange", "Geometry", "Gram",
-    "HeadGram", "LowRankLinear", "ModelAdapter", "NoArgs", "ProjectionFactorization", "RankPlan", "RecipeError",
+    "ATTENTION_PROJECTIONS", "MLP_PROJECTIONS", "PROJECTIONS", "AbsMean", "AngularChange", "ErrorCurve", "Geometry",
+    "GradEnergy", "Gram",
+    "HeadGram", "HeadwiseLowRank", "LowRankLinear", "ModelAdapter", "NoArgs", "ProjectionFactorization", "RankPlan",
+    "RecipeError",
     "ResizedLinear", "RunState", "ScoreLevel", "SliceableRank", "Spectrum", "SquaredGrad", "Statistic", "Strategy",
     "StrategyRegistry", "Tap", "Unit", "ValueDimAttention", "achieved_ratio", "capped_shares", "group_name",
     "hookimpl", "install_decoder", "largest_meeting_target", "layer_name", "layer_score", "plan_from_fractions",

@@ -20,6 +20,7 @@ from torch import nn
 
 from lowrank_kit.extend import (
     MLP_PROJECTIONS,
+    ErrorCurve,
     Gram,
     RecipeError,
     ResizedLinear,
@@ -99,6 +100,23 @@ class Nystrom(Strategy):
     def lowrank_collect_layer(self, run: RunState, tap: Tap, layer: int) -> None:
         if self._channels(run, layer) is not None:
             tap.watch(self._key(run, layer), run.adapter.projection(layer, "down_proj"), Gram())
+
+    @hookimpl
+    def lowrank_error_curves(self, run: RunState, layer: int) -> list[ErrorCurve]:
+        """down_proj's output error when keeping the top-k leverage channels, for every k at once.
+
+        With the channels in leverage order and C = L Lᵀ its Cholesky factor in that order, the
+        Nyström residual C − C[:, :k] C[:k, :k]⁻¹ C[:k, :] is L[:, k:] L[:, k:]ᵀ, so the error
+        trace(W (residual) Wᵀ) is Σ_{j ≥ k} ‖W L[:, j]‖²: one factorisation gives the whole curve.
+        """
+        gram = run.stat(self._key(run, layer)).matrix.to(torch.float64)
+        order = leverage_scores(gram, self.args.ridge).argsort(descending=True)
+        factor = psd_cholesky(gram[order][:, order])
+        down = run.adapter.projection(layer, "down_proj").weight.detach()
+        weight = down.to(gram.device, torch.float64)[:, order]
+        dropped = (weight @ factor).pow(2).sum(0)
+        (unit,) = run.units_of(self.name, layer)
+        return [ErrorCurve.from_tail(unit.name, "down_proj", dropped.tolist())]
 
     @hookimpl
     def lowrank_transform(self, run: RunState, layer: int) -> None:

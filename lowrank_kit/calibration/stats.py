@@ -88,6 +88,7 @@ class Tap:
     _after_backward: list[Callable[[], None]] = field(default_factory=list)
     _paused: bool = False
     grad_params: list[nn.Parameter] = field(default_factory=list)  # the parameters whose gradients are read
+    activation_grads: bool = False  # whether a statistic reads gradients of module outputs
 
     def watch(self, key: str, module: nn.Module, stat: Statistic, where: Where = "input") -> Statistic:
         """Feed ``stat`` from ``module``'s forward: its first input, its output, or both."""
@@ -136,6 +137,22 @@ class Tap:
             stat.update(parameter.grad)
 
         self.after_backward(read)
+        return stat
+
+    def watch_output_grad(self, key: str, module: nn.Module, stat: Statistic) -> Statistic:
+        """Feed ``stat`` with the loss gradient of ``module``'s output during each backward pass."""
+        if key in self.stats:
+            return self.stats[key]
+        self.stats[key] = stat
+        self.backward = True
+        self.activation_grads = True
+
+        def hook(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
+            out = output[0] if isinstance(output, tuple) else output
+            if not self._paused and out.requires_grad:
+                out.register_hook(lambda grad: stat.update(grad))
+
+        self._handles.append(module.register_forward_hook(hook))
         return stat
 
     def backward_done(self) -> None:
@@ -196,3 +213,18 @@ class SquaredGrad(Statistic):
         square = grad.detach().float().pow(2)
         self.sum = square if self.sum is None else self.sum + square
         self.count = self.count.to(grad.device) + 1
+
+
+class GradEnergy(Statistic):
+    """Σ over tokens of ‖∂L/∂y‖² of a module's output y, float64, with the token count and width."""
+
+    def __init__(self) -> None:
+        self.sum = torch.zeros((), dtype=torch.float64)
+        self.count = torch.zeros((), dtype=torch.float64)
+        self.width = 0
+
+    def update(self, grad: torch.Tensor) -> None:
+        g = grad.detach().reshape(-1, grad.shape[-1]).to(torch.float64)
+        self.width = g.shape[-1]
+        self.sum = self.sum.to(g.device) + g.pow(2).sum()
+        self.count = self.count.to(g.device) + g.shape[0]

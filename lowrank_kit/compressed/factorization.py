@@ -14,7 +14,7 @@ import torch
 from lowrank_kit.calibration.stats import Gram, Statistic, Tap
 from lowrank_kit.compressed.linalg import Spectrum
 from lowrank_kit.compressed.modules import LowRankLinear
-from lowrank_kit.compressed.plan import Unit
+from lowrank_kit.compressed.plan import ErrorCurve, Unit
 from lowrank_kit.extension.hookspecs import hookimpl
 from lowrank_kit.extension.keys import PROJECTIONS, projection_name, statistic_key
 from lowrank_kit.extension.strategy import Strategy
@@ -63,28 +63,48 @@ class ProjectionFactorization(Strategy):
 
     @hookimpl
     def lowrank_collect_layer(self, run: RunState, tap: Tap, layer: int) -> None:
-        if self.statistic is None:
-            return
         for unit, _ in self._pending(run, layer):
             module = run.adapter.projection(layer, unit.projection)
-            tap.watch(self._key(run, layer, unit.projection), module, self.new_statistic())
+            if self.statistic is not None:
+                tap.watch(self._key(run, layer, unit.projection), module, self.new_statistic())
+            if run.planning:  # output errors of any factorisation are measured with the input Gram
+                tap.watch(statistic_key(Gram, run.adapter.input_site(layer, unit.projection)), module, Gram())
 
     def new_statistic(self) -> Statistic:
         assert self.statistic is not None
         return self.statistic()
 
+    def _spectrum(self, run: RunState, layer: int, unit: Unit) -> Spectrum:
+        dense = run.adapter.projection(layer, unit.projection)
+        stat_key = self._key(run, layer, unit.projection) if self.statistic is not None else None
+        stat = run.stat(stat_key) if stat_key is not None else None
+        # The same weight and statistic give the same spectrum at every rank: a bench computes
+        # it once for all ratios and for every recipe using this transform with these arguments.
+        return run.dense_result(f"spectrum|{self.name}|{to_dict(self.args)}|{unit.name}|{stat_key}",
+                                partial(self.spectrum, dense.weight.detach(), stat),
+                                reads_statistics=stat is not None)
+
+    @hookimpl
+    def lowrank_error_curves(self, run: RunState, layer: int) -> list[ErrorCurve]:
+        """Output error on the calibration inputs at every rank, for any of the three spectra.
+
+        W ≈ Σᵢ aᵢ bᵢᵀ with orthogonal aᵢ (columns of U Σ½), so dropping components i ≥ r costs
+        ‖Σ_{i≥r} aᵢ bᵢᵀ X‖² = Σ_{i≥r} ‖aᵢ‖² · bᵢᵀ (XᵀX) bᵢ (the cross terms vanish); for SVD-LLM's
+        whitened spectrum this is exactly σᵢ².
+        """
+        curves = []
+        for unit in run.units_of(self.name, layer):
+            gram = run.stat(statistic_key(Gram, run.adapter.input_site(layer, unit.projection))).matrix
+            a, b = self._spectrum(run, layer, unit).factors(unit.max_rank)
+            dropped = a.pow(2).sum(0) * ((b @ gram.to(b.dtype)) * b).sum(1)
+            curves.append(ErrorCurve.from_tail(unit.name, unit.projection, dropped.tolist()))
+        return curves
+
     @hookimpl
     def lowrank_transform(self, run: RunState, layer: int) -> None:
         for unit, rank in self._pending(run, layer):
             dense = run.adapter.projection(layer, unit.projection)
-            stat_key = self._key(run, layer, unit.projection) if self.statistic is not None else None
-            stat = run.stat(stat_key) if stat_key is not None else None
-            # The same weight and statistic give the same spectrum at every rank: a bench computes
-            # it once for all ratios and for every recipe using this transform with these arguments.
-            spectrum = run.dense_result(f"spectrum|{self.name}|{to_dict(self.args)}|{unit.name}|{stat_key}",
-                                        partial(self.spectrum, dense.weight.detach(), stat),
-                                        reads_statistics=stat is not None)
-            a, b = spectrum.factors(rank)
+            a, b = self._spectrum(run, layer, unit).factors(rank)
             bias = dense.bias.detach() if dense.bias is not None else None
             module = LowRankLinear.from_factors(a.to(dense.weight.dtype), b.to(dense.weight.dtype), bias)
             run.adapter.replace(layer, unit.projection, module.to(dense.weight.device))

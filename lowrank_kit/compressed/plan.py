@@ -58,6 +58,35 @@ class Unit:
         return min(rank, self.max_rank)
 
 
+@dataclass(frozen=True)
+class ErrorCurve:
+    """What truncating one unit costs, as its transform measured it on the dense model's calibration data.
+
+    ``error[r]`` is the squared output error at ``site`` (summed over calibration tokens) when the
+    unit keeps rank r, for r = 0 … max_rank (``error[max_rank]`` is 0). ``site`` is the projection
+    whose output carries the error (value states for head-wise PCA's v+o, down_proj's output for a
+    Nyström MLP), so a sensitivity of that output turns it into a predicted loss increase.
+    """
+
+    unit: str
+    site: str
+    error: tuple[float, ...]
+
+    @classmethod
+    def from_tail(cls, unit: str, site: str, dropped: Any) -> ErrorCurve:
+        """From the error each component adds when dropped (component i is kept at ranks above i):
+        error[r] = Σ_{i ≥ r} dropped[i]."""
+        values = [float(v) for v in dropped]
+        tail, total = [0.0] * (len(values) + 1), 0.0
+        for i in range(len(values) - 1, -1, -1):
+            total += max(values[i], 0.0)
+            tail[i] = total
+        return cls(unit, site, tuple(tail))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"unit": self.unit, "site": self.site, "error": list(self.error)}
+
+
 @dataclass
 class RankPlan:
     """The kept rank of every unit: a plain, serialisable object saved with the model."""

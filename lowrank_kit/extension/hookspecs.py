@@ -3,7 +3,8 @@
 The five stages of a run are collect (``lowrank_collect_dense`` for the scoring pass,
 ``lowrank_collect_layer`` per decoder layer) → ``lowrank_score`` → ``lowrank_allocate`` →
 ``lowrank_transform`` → ``lowrank_decode``. ``lowrank_units`` is how a transform reports
-what it can compress and what each kept rank costs, so any allocator can drive any transform.
+what it can compress and what each kept rank costs, so any allocator can drive any transform;
+``lowrank_error_curves`` what each kept rank loses, for allocators that plan from errors.
 ``lowrank_register`` is called once per installed plugin module to announce its strategies.
 
 Implementations are methods of configured strategy instances (see ``lowrank_kit.extension.manager``):
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from lowrank_kit.calibration.stats import Tap
-    from lowrank_kit.compressed.plan import RankPlan, Unit
+    from lowrank_kit.compressed.plan import ErrorCurve, RankPlan, Unit
     from lowrank_kit.extension.strategy import StrategyRegistry
     from lowrank_kit.pipeline.state import RunState
 
@@ -66,6 +67,18 @@ def lowrank_score(run: RunState) -> dict[str, float] | None:
 @hookspec
 def lowrank_units(run: RunState) -> list[Unit]:
     """A transform's compressible units: modules, dense size and parameter cost per kept rank."""
+
+
+@hookspec
+def lowrank_error_curves(run: RunState, layer: int) -> list[ErrorCurve]:
+    """What truncating each of this transform's units in decoder layer ``layer`` costs, per kept rank.
+
+    Called by the error-curve pass (only for allocators that plan from error curves) once the
+    statistics this transform attaches in ``lowrank_collect_layer`` were gathered on the dense
+    model; the plan is then a probe that keeps every unit at rank 0, so every unit collects, and
+    ``run.planning`` is true (a transform needing more for its curves than for its transform
+    attaches it then). Keep only the curves: the statistics are dropped after the layer.
+    """
 
 
 @hookspec(firstresult=True)

@@ -18,9 +18,10 @@ MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
 
 # What a score strategy produces and an allocator consumes: one importance per decoder layer
-# (FLAT-LLM's angular importance → IPRS) or one per projection of each layer (FLRC's Fisher).
-ScoreLevel = Literal["layer", "projection"]
-SCORE_LEVELS: tuple[ScoreLevel, ...] = ("layer", "projection")
+# (FLAT-LLM's angular importance → IPRS), one per projection weight of each layer (FLRC's
+# Fisher), or one loss sensitivity per projection output (output_gradient → error_greedy).
+ScoreLevel = Literal["layer", "projection", "output"]
+SCORE_LEVELS: tuple[ScoreLevel, ...] = ("layer", "projection", "output")
 
 
 def layer_name(layer: int) -> str:

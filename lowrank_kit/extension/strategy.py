@@ -34,12 +34,16 @@ class Strategy:
     # the chosen targets must be all of them (e.g. head-wise PCA rewrites v and o together).
     allowed_targets: ClassVar[tuple[str, ...]] = ()
     targets_all_or_none: ClassVar[bool] = False
+    default_targets: ClassVar[tuple[str, ...] | None] = None  # when a recipe names none (None: all allowed)
     # Scorers: the level of the importances they produce; allocators: the level they consume
     # (None: none). The recipe validator rejects an allocator whose level no scorer produces.
     produces: ClassVar[ScoreLevel | None] = None
     consumes: ClassVar[ScoreLevel | None] = None
     # Allocators that need importances of any level (plugins written before ``consumes``).
     needs_scores: ClassVar[bool] = False
+    # Allocators that plan from the transforms' truncation-error curves (``run.error_curves``):
+    # the engine runs the error-curve pass over the dense model before allocating.
+    needs_error_curves: ClassVar[bool] = False
 
     def __init__(self, args: Any = None, targets: Iterable[str] = ()):
         self.args = args if args is not None else self.Args()

@@ -26,7 +26,8 @@ import torch
 from lightning.fabric import Fabric
 
 from lowrank_kit.compressed import quantization
-from lowrank_kit.data.texts import calibration_windows, is_json, load_text, tokenize
+from lowrank_kit.compressed.plan import ErrorCurve
+from lowrank_kit.data.texts import calibration_windows, is_json, load_text, tokenize, window_counts
 from lowrank_kit.evaluation.metrics import DECODE_INDEPENDENT, evaluate
 from lowrank_kit.extension.manager import run_manager
 from lowrank_kit.models.adapters import adapter_for
@@ -36,7 +37,7 @@ from lowrank_kit.persistence.checkpoint import Checkpoints
 from lowrank_kit.pipeline.cache import Cache, DenseStore, fingerprint
 from lowrank_kit.pipeline.callbacks import Callback, ProgressBar
 from lowrank_kit.pipeline.errors import annotate, describe, interrupted, write_log
-from lowrank_kit.pipeline.passes import LAYER_PASSES, PassContext, ScoringPass
+from lowrank_kit.pipeline.passes import LAYER_PASSES, ErrorCurvePass, PassContext, ScoringPass
 from lowrank_kit.pipeline.state import RunState
 from lowrank_kit.recipe.schema import RecipeError, to_dict
 from lowrank_kit.recipe.spec import Recipe
@@ -145,6 +146,9 @@ class Engine:
             if self.recipe.score:
                 with self.phase("score"):
                     self._scores(run, pm)
+            if any(getattr(strategy, "needs_error_curves", False) for strategy in pm.get_plugins()):
+                with self.phase("error curves"):
+                    self._error_curves(run, pm)
             with self.phase("allocate"):
                 self._allocate(run, pm)
             with self.phase("compress"):
@@ -214,14 +218,24 @@ class Engine:
         return self._finish(run, pm, evaluations, earlier.dense_params, known)
 
     def _calibration_data(self, run: RunState) -> None:
-        """This process's shard of the seeded calibration windows; every dataset of the recipe is read here."""
+        """This process's shard of the seeded calibration windows; every dataset of the recipe is read here.
+
+        A list of sources gives each its share of the windows (``window_counts``), drawn from its own
+        text with the recipe's seed plus its position in the list, in list order.
+        """
         calibration, fabric = run.recipe.calibration, run.fabric
-        ids = tokenize(run.tokenizer, _read_text(calibration.dataset, "calibration", calibration.text_field))
-        try:
-            windows = calibration_windows(ids, run.tokenizer, calibration.samples, calibration.seq_len,
-                                          calibration.seed, run.adapter.needs_bos)
-        except ValueError as err:
-            raise RecipeError("calibration.dataset", f"'{calibration.dataset}': {err}") from None
+        sources = calibration.sources()
+        counts = window_counts([s.weight for s in sources], calibration.samples)
+        parts = []
+        for i, (source, count) in enumerate(zip(sources, counts, strict=True)):
+            key = "calibration.dataset" if isinstance(calibration.dataset, str) else f"calibration.dataset[{i}]"
+            ids = tokenize(run.tokenizer, _read_text(source.dataset, "calibration", calibration.text_field, key))
+            try:
+                parts.append(calibration_windows(ids, run.tokenizer, count, calibration.seq_len,
+                                                 calibration.seed + i, run.adapter.needs_bos))
+            except ValueError as err:
+                raise RecipeError(key, f"'{source.dataset}': {err}") from None
+        windows = torch.cat(parts)
         run.calibration = windows[fabric.global_rank :: fabric.world_size]
         for i, spec in enumerate(run.recipe.evaluate):
             if spec.metric != "lm_eval" and not is_json(spec.dataset):  # JSONL: read by its metric, with its fields
@@ -349,6 +363,29 @@ class Engine:
         if keeps is not None:
             keeps.save_scores(run.scores)
         run.notes["scores"] = {"cached": False}
+
+    def _error_curves(self, run: RunState, pm: pluggy.PluginManager) -> None:
+        """Every unit's truncation-error curve, from the cache when this model, data and these
+        transforms were measured before (the pass costs a dense forward and every decomposition)."""
+        cache = Cache(run.recipe.output.cache_dir)
+        key = {**self._data_key(run), "transform": [c.to_dict() for c in run.recipe.transform]}
+        cached = cache.get("error-curves", key)
+        if cached is not None:
+            run.error_curves = {name: ErrorCurve(name, entry["site"], tuple(entry["error"]))
+                                for name, entry in cached.items()}
+            run.notes["error_curves"] = {"cached": True}
+            return
+        run.store, run.store_base = self.store, json.dumps(self._data_key(run), sort_keys=True, default=str)
+        ErrorCurvePass(self._context(run, pm)).run()
+        missing = [u.name for u in run.units if u.name not in run.error_curves]
+        if missing:
+            transforms = sorted({u.transform for u in run.units if u.name in missing})
+            raise RuntimeError(f"allocator '{run.recipe.allocate.plugin}' plans from truncation-error curves, but "
+                               f"transform {', '.join(transforms)} reported none (lowrank_error_curves) for "
+                               f"{len(missing)} units, e.g. {missing[0]}")
+        cache.put("error-curves", key, {name: {"site": c.site, "error": list(c.error)}
+                                        for name, c in run.error_curves.items()})
+        run.notes["error_curves"] = {"cached": False}
 
     def _data_key(self, run: RunState) -> dict[str, Any]:
         """What makes two runs' calibration forwards of the dense model identical."""

@@ -6,6 +6,8 @@
   inputs produced by the already compressed earlier layers (FLAT-LLM's order).
 - ``DenseInputPass`` (``dense_input``): layer by layer, statistics on the dense model's
   activations (SVD-LLM's and ASVD's whitening); a bench shares them across ratios and recipes.
+- ``ErrorCurvePass``: before allocating, for allocators that plan from truncation errors:
+  layer by layer on the dense model, every unit's error at every rank (nothing transformed).
 
 Both layer passes share one loop (``LayerPass.run``: collect → gather → transform → drop →
 checkpoint, with ``on_layer_start``/``on_layer_end`` around each layer) and differ only in
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from lowrank_kit.calibration.stats import Statistic, Tap
+from lowrank_kit.compressed.plan import RankPlan
 from lowrank_kit.persistence.checkpoint import Checkpoints
 from lowrank_kit.pipeline.cache import statistic_identity
 from lowrank_kit.pipeline.replay import LayerInputs, capture, run_layer
@@ -67,7 +70,7 @@ class ScoringPass:
         tap = Tap()
         ctx.pm.hook.lowrank_collect_dense(run=run, tap=tap)
         label = "score (forward + backward)" if tap.backward else "score"
-        with _gradients_only_for(run.model, tap.grad_params):
+        with _gradients_only_for(run.model, tap.grad_params, tap.activation_grads):
             for batch in ctx.progress(ctx.batches(), ctx.batch_count, label):
                 if tap.backward:
                     # The gradient of the batch's mean loss, accumulated over chunks of windows so
@@ -243,6 +246,43 @@ class DenseInputPass(LayerPass):
         return found
 
 
+class ErrorCurvePass(LayerPass):
+    """Before allocating: every unit's truncation-error curve, measured on the dense model.
+
+    Layer by layer like ``DenseInputPass`` (dense activations, each layer's statistics dropped
+    once its curves are taken, so memory stays at one layer's statistics plus the curves), but
+    nothing is transformed: the plan is a probe keeping every unit at rank 0, so every
+    transform collects what it needs for every unit, and ``lowrank_error_curves`` reads them.
+    """
+
+    name = "error_curves"
+    dense_statistics = True
+
+    @torch.no_grad()
+    def run(self) -> None:
+        ctx, run = self.ctx, self.ctx.run
+        plan, dense_statistics = run.plan, run.dense_statistics
+        run.plan = RankPlan(ranks={u.name: 0 for u in run.units}, allocator="probe")
+        run.planning, run.dense_statistics = True, True
+        try:
+            layers = len(run.adapter.layers)
+            for index in ctx.progress(range(layers), layers, "error curves"):
+                tap = self.collect(index)
+                if self.inputs is None:
+                    self.inputs = self.capture_inputs(tap)
+                for item in self.inputs:
+                    item.hidden = self.forward_layer(index, item).cpu()
+                gathered = tap.close(ctx.reduce())
+                _check_finite(run, index, gathered)
+                run.stats.update(gathered)
+                for curves in ctx.pm.hook.lowrank_error_curves(run=run, layer=index):
+                    run.error_curves.update({curve.unit: curve for curve in curves})
+                for key in gathered:
+                    run.stats.pop(key, None)
+        finally:
+            run.plan, run.planning, run.dense_statistics = plan, False, dense_statistics
+
+
 # calibration.pipeline → the layer pass it names (recipe.spec's DataSpec lists the same names).
 LAYER_PASSES: dict[str, type[LayerPass]] = {cls.name: cls for cls in (SequentialPass, DenseInputPass)}
 
@@ -260,17 +300,27 @@ def _check_finite(run: RunState, index: int, stats: dict[str, Statistic]) -> Non
 
 
 @contextlib.contextmanager
-def _gradients_only_for(model: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
-    """Compute only the weight gradients a statistic reads (not e.g. the embedding's)."""
-    if not params:
+def _gradients_only_for(model: nn.Module, params: list[nn.Parameter], activations: bool = False) -> Iterator[None]:
+    """Compute only the weight gradients a statistic reads (not e.g. the embedding's).
+
+    ``activations``: a statistic reads gradients of module outputs; with no weight gradient
+    wanted, the embedding's output is made to require a gradient so the backward pass reaches
+    every layer without computing any weight gradient.
+    """
+    if not params and not activations:
         yield
         return
     wanted = {id(p) for p in params}
     before = {name: p.requires_grad for name, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(id(p) in wanted)
+    handle = None
+    if activations and not params:
+        handle = model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: out.requires_grad_())
     try:
         yield
     finally:
+        if handle is not None:
+            handle.remove()
         for name, p in model.named_parameters():
             p.requires_grad_(before[name])

@@ -11,7 +11,7 @@ from lightning.fabric import Fabric
 from transformers import PreTrainedModel
 
 from lowrank_kit.calibration.stats import Statistic
-from lowrank_kit.compressed.plan import RankPlan, Unit
+from lowrank_kit.compressed.plan import ErrorCurve, RankPlan, Unit
 from lowrank_kit.models.adapters import Geometry, ModelAdapter
 from lowrank_kit.pipeline.cache import DenseStore
 from lowrank_kit.recipe.spec import Recipe
@@ -37,6 +37,8 @@ class RunState:
     scores: dict[str, float] = field(default_factory=dict)
     units: list[Unit] = field(default_factory=list)
     plan: RankPlan | None = None
+    error_curves: dict[str, ErrorCurve] = field(default_factory=dict)  # by unit name, when the allocator needs them
+    planning: bool = False  # during the error-curve pass: transforms collect for every unit
     notes: dict[str, Any] = field(default_factory=dict)  # per-strategy facts for the report
     store: DenseStore | None = None  # results shared with other runs of this process (a bench)
     store_base: str = ""  # the dense model and calibration data those results belong to

@@ -1,0 +1,173 @@
+"""Allocator ``error_budget``: spend the parameter budget where predicted loss per parameter is lowest.
+
+Every unit of every transform in the recipe reports its truncation-error curve E_u(r), the
+squared output error at its error site when it keeps rank r, measured on the dense model
+(``lowrank_error_curves``: dropped whitened σ² for svd_llm, dropped eigenvalues for head-wise
+PCA, the Nyström residual for the MLP, the measured output error for svd/asvd). A sensitivity
+s_site (``output_gradient``: squared loss gradient per output dim of that site) turns it into a
+predicted loss increase s·E_u(r), comparable across layers, projections and transform kinds.
+The plan minimises Σ_u s·E_u(r_u) subject to Σ_u params_u(r_u) ≤ the budget the target ratio
+leaves (counted from real shapes):
+
+1. per unit, the candidate ranks are the multiples of ``multiple`` below the dense break-even,
+   plus staying dense (its error is 0 and its parameters the dense count);
+2. on the lower convex hull of each unit's (parameters, predicted loss) points, the hull
+   segments are bought greedily by loss reduction per parameter, best first, starting from
+   rank 0 — the exact optimum of the Lagrangian relaxation, as for a fractional knapsack;
+3. a segment that no longer fits leaves that unit where it is; the budget left is then filled
+   one candidate step at a time, best loss reduction per parameter first.
+
+So a unit whose error is zero at rank k never keeps more than k, and a layer whose MLP spectrum
+is flat keeps its MLP and gives up attention rank instead. Cost: the error-curve pass is one
+dense forward over the calibration data plus every decomposition once (the transforms redo
+theirs at the planned ranks); the plan itself is a sort of all hull segments (milliseconds).
+Curves are taken on the dense model's activations even under ``calibration.pipeline:
+sequential``, where the transforms later see compressed predecessors: the plan predicts from the
+dense model, as every allocator here does.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+from lowrank_kit.extend import (
+    ErrorCurve,
+    RankPlan,
+    RecipeError,
+    RunState,
+    Strategy,
+    StrategyRegistry,
+    Unit,
+    achieved_ratio,
+    hookimpl,
+    projection_score,
+)
+
+Point = tuple[int, float, int]  # (parameters kept, predicted loss, rank)
+
+
+@dataclass
+class ErrorBudgetArgs:
+    multiple: int = field(default=1, metadata={"help": "ranks are multiples of this (or the unit stays dense)"})
+
+    def check(self, path: str) -> None:
+        if self.multiple < 1:
+            raise RecipeError(f"{path}.multiple", f"must be at least 1, got {self.multiple}")
+
+
+def candidates(unit: Unit, curve: ErrorCurve, sensitivity: float, multiple: int) -> list[Point]:
+    """The unit's (parameters, predicted loss, rank) choices, by increasing parameters."""
+    if len(curve.error) != unit.max_rank + 1:
+        raise ValueError(f"error curve of {unit.name} has {len(curve.error)} points, expected {unit.max_rank + 1}")
+    points = [(unit.params(r), sensitivity * curve.error[r], r)
+              for r in range(0, unit.max_rank, multiple) if not unit.is_dense(r)]
+    points.append((unit.dense_params, 0.0, unit.max_rank))
+    return points
+
+
+def lower_hull(points: list[Point]) -> list[Point]:
+    """The lower convex hull of points sorted by parameters (Andrew's monotone chain).
+
+    Its last point (dense, loss 0) is the lowest, so loss never increases along it and the
+    loss saved per parameter decreases from one segment to the next.
+    """
+    hull: list[Point] = []
+    for p in points:
+        while len(hull) >= 2:
+            (x1, y1, _), (x2, y2, _) = hull[-2], hull[-1]
+            if (x2 - x1) * (p[1] - y1) - (y2 - y1) * (p[0] - x1) <= 0:  # hull[-1] lies on or above the chord
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return hull
+
+
+def plan_ranks(options: dict[str, list[Point]], budget: float) -> dict[str, int]:
+    """Ranks minimising total predicted loss with total parameters ≤ ``budget`` (steps 2 and 3 above)."""
+    hulls = {name: lower_hull(points) for name, points in options.items()}
+    at = dict.fromkeys(options, 0)  # index into the unit's hull
+    spent = float(sum(h[0][0] for h in hulls.values()))
+    heap = []
+
+    def push(name: str) -> None:
+        hull, i = hulls[name], at[name]
+        if i + 1 < len(hull):
+            (c0, l0, _), (c1, l1, _) = hull[i], hull[i + 1]
+            if l0 > l1:  # parameters that buy no loss reduction are not spent
+                heapq.heappush(heap, (-(l0 - l1) / (c1 - c0), name))
+
+    for name in hulls:
+        push(name)
+    while heap:
+        _, name = heapq.heappop(heap)
+        hull, i = hulls[name], at[name]
+        step = hull[i + 1][0] - hull[i][0]
+        if spent + step <= budget:
+            spent += step
+            at[name] = i + 1
+            push(name)
+    chosen = {name: hulls[name][at[name]] for name in hulls}
+    # Step 3: fill what is left with single candidate steps (off the hull too), best first.
+    position = {name: options[name].index(chosen[name]) for name in options}
+    while True:
+        best: str | None = None
+        best_gain = 0.0
+        for name, points in options.items():
+            j = position[name]
+            if j + 1 < len(points):
+                step = points[j + 1][0] - points[j][0]
+                gain = (points[j][1] - points[j + 1][1]) / step
+                if gain > 0 and spent + step <= budget and (best is None or gain > best_gain):
+                    best, best_gain = name, gain
+        if best is None:
+            break
+        j = position[best]
+        spent += options[best][j + 1][0] - options[best][j][0]
+        position[best] = j + 1
+    return {name: options[name][position[name]][2] for name in options}
+
+
+class ErrorBudget(Strategy):
+    name = "error_budget"
+    point = "allocate"
+    description = ("Global plan over every unit of every transform: truncation-error curves × output "
+                   "sensitivity, bought greedily by predicted loss per parameter.")
+    Args = ErrorBudgetArgs
+    consumes = "output"
+    needs_error_curves = True
+
+    @hookimpl
+    def lowrank_allocate(self, run: RunState, units: list[Unit]) -> RankPlan:
+        total = run.geometry.total_linear_params
+        budget = sum(u.dense_params for u in units) - run.target_ratio * total
+        if budget < 0:
+            raise RecipeError("target.ratio", f"{run.target_ratio:g} is out of reach: the targeted modules hold "
+                                              f"only {sum(u.dense_params for u in units) / total:.1%} of the weights")
+        options, sensitivity = {}, {}
+        for unit in units:
+            curve = run.error_curves[unit.name]
+            key = projection_score(unit.layer, curve.site)
+            if key not in run.scores:
+                raise ValueError(f"error_budget needs the output sensitivity of {key} (score: output_gradient)")
+            sensitivity[unit.name] = run.scores[key]
+            options[unit.name] = candidates(unit, curve, sensitivity[unit.name], self.args.multiple)
+        ranks = plan_ranks(options, budget)
+        plan = RankPlan(ranks=ranks, allocator=self.name)
+        per_layer = [[0, 0] for _ in range(run.geometry.layers)]
+        for u in units:
+            per_layer[u.layer][0] += u.params(plan.rank(u))
+            per_layer[u.layer][1] += u.dense_params
+        plan.layer_fractions = [k / d if d else 1.0 for k, d in per_layer]
+        predicted = {u.name: sensitivity[u.name] * run.error_curves[u.name].error[plan.rank(u)] for u in units}
+        plan.notes = {"multiple": self.args.multiple, "budget": budget,
+                      "achieved_ratio": achieved_ratio(plan, units, total),
+                      "predicted_loss": sum(predicted.values()),
+                      "predicted_loss_per_unit": predicted}
+        return plan
+
+
+@hookimpl
+def lowrank_register(registry: StrategyRegistry) -> None:
+    registry.add(ErrorBudget)
