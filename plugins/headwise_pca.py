@@ -6,6 +6,14 @@ head's value space: W_v^g ← Q_gᵀ W_v^g and, for every query head h of group 
 W_o^h ← W_o^h Q_g. Attention is linear in V, so the only error is the truncation: the value
 states lose exactly the sum of the dropped eigenvalues. The value head dim (and the value
 cache) shrinks from d_h to r; the same r for every head of a layer.
+
+Queries and keys (targets ``q_proj``/``k_proj``, as the official FLAT-LLM code added later):
+per query head (q) or per KV head (k, so GQA groups share one basis as they share keys), the
+eigenvectors Q_h of the uncentred second moment of that head's projection output *before*
+RoPE, float64. The projection becomes the per-head factors Q_h (d_h × r) and Q_hᵀ W_h (r × d)
+(``HeadwiseLowRank``): the head dim stays d_h for q/k norms, RoPE and the key cache, so this
+saves parameters and multiply-adds but no cache; the output error is exactly the dropped
+eigenvalues. Each of q, k and v+o is its own unit, so an allocator may give them different ranks.
 """
 
 from __future__ import annotations
@@ -16,7 +24,10 @@ import torch
 from torch import nn
 
 from lowrank_kit.extend import (
+    ErrorCurve,
     HeadGram,
+    HeadwiseLowRank,
+    RecipeError,
     RunState,
     Strategy,
     StrategyRegistry,
@@ -25,6 +36,7 @@ from lowrank_kit.extend import (
     group_name,
     hookimpl,
     layer_name,
+    projection_name,
     shrink_values,
     statistic_key,
 )
@@ -67,50 +79,114 @@ def project_heads(attention: nn.Module, basis: torch.Tensor, groups: int, heads:
     return new_v, new_o
 
 
+def project_queries(weight: torch.Tensor, bias: torch.Tensor | None, basis: torch.Tensor) -> HeadwiseLowRank:
+    """q_proj/k_proj as per-head factors from a per-head basis [H, d_h, r] (H: query or KV heads).
+
+    Head h's output block W_h x + b_h becomes Q_h (Q_hᵀ W_h x + Q_hᵀ b_h): the head keeps its
+    d_h output dims for RoPE and attention; what it loses is the part of its outputs outside Q_h.
+    """
+    heads, head_dim, rank = basis.shape
+    dtype, device = weight.dtype, weight.device
+    w = weight.detach().to(torch.float64).view(heads, head_dim, -1)
+    module = HeadwiseLowRank(w.shape[-1], heads, head_dim, rank, bias=bias is not None, dtype=dtype, device=device)
+    with torch.no_grad():
+        module.a.copy_(basis)
+        module.b.copy_(torch.einsum("hir,hid->rhd", basis, w).reshape(rank * heads, -1))
+        if bias is not None:
+            b = bias.detach().to(torch.float64).view(heads, head_dim)
+            module.bias.copy_(torch.einsum("hir,hi->rh", basis, b).flatten())
+    return module
+
+
+VALUE_UNIT = "v_proj+o_proj"
+
+
 class HeadwisePca(Strategy):
     name = "headwise_pca"
     point = "transform"
-    description = "FLAT-LLM head-wise PCA of value states: v_proj/o_proj and the value cache shrink per head."
+    description = ("FLAT-LLM head-wise PCA: value states (v_proj/o_proj and the value cache shrink per head), "
+                   "optionally queries and keys (q_proj/k_proj as per-head factors).")
     Args = HeadwisePcaArgs
-    allowed_targets = ("v_proj", "o_proj")
-    targets_all_or_none = True
+    allowed_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
+    default_targets = ("v_proj", "o_proj")
+
+    @classmethod
+    def check_targets(cls, targets: list[str], path: str) -> None:
+        super().check_targets(targets, path)
+        if ("v_proj" in targets) != ("o_proj" in targets):
+            raise RecipeError(path, "'headwise_pca' rewrites v_proj and o_proj together: list both or neither")
+        if not targets:
+            raise RecipeError(path, "name at least one target, e.g. [v_proj, o_proj]")
 
     @staticmethod
-    def _key(run: RunState, layer: int) -> str:
-        return statistic_key(HeadGram, run.adapter.output_site(layer, "v_proj"))
+    def _key(run: RunState, layer: int, projection: str = "v_proj") -> str:
+        return statistic_key(HeadGram, run.adapter.output_site(layer, projection))
 
-    def _rank(self, run: RunState, layer: int) -> int | None:
-        (unit,) = run.units_of(self.name, layer)
-        rank = run.require_plan().rank(unit)
-        return None if unit.is_dense(rank) else rank
+    def _kinds(self) -> list[str]:
+        """The unit kinds this instance rewrites: "q_proj", "k_proj", "v_proj+o_proj"."""
+        kinds = [p for p in ("q_proj", "k_proj") if p in self.targets]
+        return kinds + ([VALUE_UNIT] if "v_proj" in self.targets else [])
+
+    def _pending(self, run: RunState, layer: int) -> list[tuple[Unit, int]]:
+        plan = run.require_plan()
+        return [(u, plan.rank(u)) for u in run.units_of(self.name, layer) if not u.is_dense(plan.rank(u))]
 
     @hookimpl
     def lowrank_units(self, run: RunState) -> list[Unit]:
         g = run.geometry
         d, groups, heads = g.hidden, g.kv_heads, g.heads
-        return [
-            Unit(name=group_name(i, "v_proj+o_proj"), layer=i, projections=("v_proj", "o_proj"), transform=self.name,
-                 dense_params=d * (groups + heads) * g.head_dim, rank_cost=d * (groups + heads), max_rank=g.head_dim)
-            for i in range(g.layers)
-        ]
+        units = []
+        for i in range(g.layers):
+            for kind in self._kinds():
+                if kind == VALUE_UNIT:
+                    units.append(Unit(name=group_name(i, VALUE_UNIT), layer=i, projections=("v_proj", "o_proj"),
+                                      transform=self.name, dense_params=d * (groups + heads) * g.head_dim,
+                                      rank_cost=d * (groups + heads), max_rank=g.head_dim))
+                else:
+                    count = heads if kind == "q_proj" else groups
+                    out, inp = g.dense_shape(kind)
+                    units.append(Unit(name=projection_name(i, kind), layer=i, projections=(kind,),
+                                      transform=self.name, dense_params=out * inp,
+                                      rank_cost=count * (inp + g.head_dim), max_rank=g.head_dim))
+        return units
 
     @hookimpl
     def lowrank_collect_layer(self, run: RunState, tap: Tap, layer: int) -> None:
-        if self._rank(run, layer) is not None:
-            tap.watch(self._key(run, layer), run.adapter.projection(layer, "v_proj"), HeadGram(run.geometry.head_dim),
-                      where="output")
+        for unit, _ in self._pending(run, layer):
+            site = unit.projections[0]  # value states for v+o, the projection's own output for q/k
+            tap.watch(self._key(run, layer, site), run.adapter.projection(layer, site),
+                      HeadGram(run.geometry.head_dim), where="output")
+
+    @hookimpl
+    def lowrank_error_curves(self, run: RunState, layer: int) -> list[ErrorCurve]:
+        """At rank r every head loses its eigenvalues beyond r: of the value states (v+o) or of
+        q_proj's/k_proj's outputs before RoPE."""
+        curves = []
+        for unit in run.units_of(self.name, layer):
+            site = unit.projections[0]
+            values, _ = value_bases(run.stat(self._key(run, layer, site)).sum)
+            curves.append(ErrorCurve.from_tail(unit.name, site, values.clamp_min(0).sum(0).tolist()))
+        return curves
 
     @hookimpl
     def lowrank_transform(self, run: RunState, layer: int) -> None:
-        rank = self._rank(run, layer)
-        if rank is None:
-            return
-        values, vectors = value_bases(run.stat(self._key(run, layer)).sum)
-        attention = run.adapter.attention(layer)
-        new_v, new_o = project_heads(attention, vectors[:, :, :rank], run.geometry.kv_heads, run.geometry.heads)
-        shrink_values(attention, new_v, new_o, rank)
-        dropped = values[:, rank:].sum() / values.sum()
-        run.notes.setdefault(self.name, {})[layer_name(layer)] = {"dropped_eigenvalue_share": float(dropped)}
+        for unit, rank in self._pending(run, layer):
+            site = unit.projections[0]
+            values, vectors = value_bases(run.stat(self._key(run, layer, site)).sum)
+            if site == "v_proj":
+                attention = run.adapter.attention(layer)
+                new_v, new_o = project_heads(attention, vectors[:, :, :rank], run.geometry.kv_heads,
+                                             run.geometry.heads)
+                shrink_values(attention, new_v, new_o, rank)
+            else:
+                dense = run.adapter.projection(layer, site)
+                run.adapter.replace(layer, site, project_queries(dense.weight, dense.bias, vectors[:, :, :rank]))
+            dropped = values[:, rank:].sum() / values.sum()
+            notes = run.notes.setdefault(self.name, {}).setdefault(layer_name(layer), {})
+            if site == "v_proj":
+                notes["dropped_eigenvalue_share"] = float(dropped)
+            else:
+                notes[f"{site}_dropped_eigenvalue_share"] = float(dropped)
 
 
 @hookimpl

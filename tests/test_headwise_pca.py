@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ByteTokenizer, sample_ids, tiny_model, tiny_recipe
-from lowrank_kit_plugins.headwise_pca import project_heads, value_bases
+from lowrank_kit_plugins.headwise_pca import project_heads, project_queries, value_bases
 
 from lowrank_kit import compress, load_pretrained
 from lowrank_kit.calibration.stats import HeadGram, Tap
+from lowrank_kit.compressed.modules import HeadwiseLowRank
 from lowrank_kit.models.adapters import adapter_for
 from lowrank_kit.models.attention import ValueDimAttention, shrink_values
 from lowrank_kit.pipeline.replay import LayerInputs, capture, run_layer
@@ -121,3 +122,94 @@ def test_engine_run_saves_and_reloads(tmp_path: Path, family: str) -> None:
     a = result.model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=257)
     b = reloaded.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=257)
     assert torch.equal(a, b)
+
+
+# --- queries and keys (targets q_proj / k_proj) -------------------------------------------------
+
+
+def query_key_bases(model, ids: torch.Tensor) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per layer and projection: eigenvalues, eigenvectors of its per-head output Gram, and its inputs."""
+    adapter = adapter_for(model)
+    found = {}
+    for index in range(len(adapter.layers)):
+        for name in ("q_proj", "k_proj"):
+            tap = Tap()
+            module = adapter.projection(index, name)
+            stat = tap.watch(name, module, HeadGram(adapter.geometry.head_dim), where="output")
+            x: list[torch.Tensor] = []
+            hook = module.register_forward_hook(lambda m, a, o, x=x: x.append(a[0]))
+            with torch.no_grad():
+                model(input_ids=ids)
+            hook.remove()
+            tap.close()
+            values, vectors = value_bases(stat.sum)
+            found[(index, name)] = (values, vectors, x[0])
+    return found
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3", "mistral"])
+def test_full_rank_queries_and_keys_reproduce_dense_logits(family: str) -> None:
+    """Per query head for q, per KV head for k; q/k norms (Gemma3), biases (Qwen2), GQA included."""
+    model = tiny_model(family)
+    adapter = adapter_for(model)
+    ids = sample_ids(n=2, length=40, seed=3)
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits
+    bases = query_key_bases(model, sample_ids(n=2, length=40, seed=4))
+    heads = {"q_proj": adapter.geometry.heads, "k_proj": adapter.geometry.kv_heads}
+    for (index, name), (_values, vectors, _x) in bases.items():
+        assert vectors.shape[0] == heads[name]
+        dense_module = adapter.projection(index, name)
+        adapter.replace(index, name, project_queries(dense_module.weight, dense_module.bias, vectors))
+    assert isinstance(adapter.projection(0, "k_proj"), HeadwiseLowRank)
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, dense, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_query_key_error_equals_dropped_eigenvalues(family: str) -> None:
+    model = tiny_model(family).double()
+    adapter = adapter_for(model)
+    rank = 3
+    for (index, name), (values, vectors, x) in query_key_bases(model, sample_ids(n=2, length=40, seed=4)).items():
+        dense_module = adapter.projection(index, name)
+        small = project_queries(dense_module.weight, dense_module.bias, vectors[:, :, :rank])
+        with torch.no_grad():
+            error = (dense_module(x) - small(x)).pow(2).sum()
+        assert torch.allclose(error, values[:, rank:].sum(), rtol=1e-6), (index, name)
+
+
+def test_query_key_rank_slice_equals_the_truncated_module() -> None:
+    model = tiny_model("qwen2").double()
+    (_values, vectors, x) = query_key_bases(model, sample_ids(n=2, length=40, seed=4))[(0, "q_proj")]
+    dense_module = adapter_for(model).projection(0, "q_proj")
+    full = project_queries(dense_module.weight, dense_module.bias, vectors[:, :, :6])
+    full.active_rank = 4
+    with torch.no_grad():
+        assert torch.allclose(full(x), project_queries(dense_module.weight, dense_module.bias, vectors[:, :, :4])(x))
+    assert full.macs_per_token(4) == 4 * full.heads * (full.in_features + full.head_dim)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_queries_keys_and_values_compress_save_and_reload(tmp_path: Path, family: str) -> None:
+    recipe = tiny_recipe(tmp_path, "headwise_pca", 0.3, score="angular_importance", allocate="iprs")
+    recipe["transform"] = [{"plugin": "headwise_pca", "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+                           {"plugin": "nystrom"}]
+    result = compress(recipe, model=tiny_model(family), tokenizer=ByteTokenizer(), progress=False)
+    assert result.report["achieved_ratio"] == pytest.approx(0.3, abs=0.01)
+    kinds = {type(m).__name__ for m in result.model.modules()}
+    assert "HeadwiseLowRank" in kinds
+    ids = sample_ids(n=2, length=24, seed=9)
+    loaded = load_pretrained(result.output_dir)
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, result.model(input_ids=ids).logits, atol=1e-5)
+
+
+def test_value_and_output_are_rewritten_together(tmp_path: Path) -> None:
+    from lowrank_kit.recipe.loading import from_data
+    from lowrank_kit.recipe.schema import RecipeError
+
+    recipe = tiny_recipe(tmp_path, "headwise_pca")
+    recipe["transform"] = [{"plugin": "headwise_pca", "targets": ["q_proj", "v_proj"]}]
+    with pytest.raises(RecipeError, match=r"transform\[0\]\.targets.*v_proj and o_proj together"):
+        from_data(recipe)

@@ -77,6 +77,47 @@ class LowRankLinear(SliceableRank, nn.Module):
                 "out_features": self.out_features, "rank": self.rank, "bias": self.bias is not None}
 
 
+class HeadwiseLowRank(SliceableRank, nn.Module):
+    """Per head h: y_h = A_h (B_h x + c_h), A_h: d_h×r, B_h: r×in (head-wise PCA of q_proj/k_proj).
+
+    Each head keeps its full head dim d_h at the output (RoPE, q/k norms and attention see the
+    usual shapes) but only r dims inside. ``b``'s rows are rank-major (row k·H + h is component
+    k of head h), so the first ρ components of every head are one contiguous slice for
+    progressive decoding; ``a`` is [H, d_h, r] (3-D, so int8 quantisation leaves this small
+    factor in floating point).
+    """
+
+    def __init__(self, in_features: int, heads: int, head_dim: int, rank: int, bias: bool = False,
+                 dtype: torch.dtype | None = None, device: torch.device | None = None):
+        super().__init__()
+        self.in_features, self.heads, self.head_dim, self.rank = in_features, heads, head_dim, rank
+        self.out_features = heads * head_dim
+        self.a = nn.Parameter(torch.empty(heads, head_dim, rank, dtype=dtype, device=device))
+        self.b = nn.Parameter(torch.empty(rank * heads, in_features, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(rank * heads, dtype=dtype, device=device)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r, rows = self.used_rank(), self.used_rank() * self.heads
+        z = F.linear(x, self.b[:rows], None if self.bias is None else self.bias[:rows])
+        y = torch.einsum("...kh,hik->...hi", z.unflatten(-1, (r, self.heads)), self.a[:, :, :r])
+        return y.flatten(-2)
+
+    @property
+    def full_rank(self) -> int:
+        return self.rank
+
+    def macs_per_token(self, rank: int) -> int:
+        return rank * self.heads * (self.in_features + self.head_dim)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, heads={self.heads}, head_dim={self.head_dim}, "
+                f"rank={self.rank}, layout=rank_major")
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "headwise_low_rank", "in_features": self.in_features, "heads": self.heads,
+                "head_dim": self.head_dim, "rank": self.rank, "bias": self.bias is not None}
+
+
 class ResizedLinear(nn.Linear):
     """A dense linear layer of a different shape than the config says (e.g. a Nyström-pruned MLP)."""
 

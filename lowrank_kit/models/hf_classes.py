@@ -23,7 +23,7 @@ import transformers
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from lowrank_kit.compressed.modules import LowRankLinear, ResizedLinear
+from lowrank_kit.compressed.modules import HeadwiseLowRank, LowRankLinear, ResizedLinear
 from lowrank_kit.models.attention import rebuild
 
 # base model type → (config class, causal-LM class) in transformers
@@ -84,10 +84,15 @@ def _low_rank_linear(spec: dict[str, Any], _dense: nn.Module) -> nn.Module:
     return LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"], spec["bias"])
 
 
+def _headwise_low_rank(spec: dict[str, Any], _dense: nn.Module) -> nn.Module:
+    return HeadwiseLowRank(spec["in_features"], spec["heads"], spec["head_dim"], spec["rank"], spec["bias"])
+
+
 # Module kind → builder of an empty compressed module from the dense one it replaces (shapes
 # only, weights are loaded afterwards); new compressed modules register here.
 MODULE_BUILDERS: dict[str, Callable[[dict[str, Any], nn.Module], nn.Module]] = {
     "low_rank_linear": _low_rank_linear,
+    "headwise_low_rank": _headwise_low_rank,
     "linear": _resized_linear,
     "value_dim_attention": rebuild,
 }

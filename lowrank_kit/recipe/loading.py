@@ -30,7 +30,7 @@ def _strategy(point: str, raw: Any, path: str) -> StrategyChoice:
     cls = registry().get(point, str(name), join(path, "plugin"))
     targets: list[str] = []
     if point == "transform":
-        targets = raw.pop("targets", list(cls.allowed_targets))
+        targets = raw.pop("targets", list(cls.default_targets or cls.allowed_targets))
         if not isinstance(targets, list):
             raise RecipeError(join(path, "targets"), f"expected a list of projections, got {targets!r}")
         cls.check_targets(targets, join(path, "targets"))
@@ -75,7 +75,12 @@ def from_data(data: Any, source: str | None = None) -> Recipe:
         source=source,
         **sections,
     )
-    check_name(recipe.calibration.dataset, "calibration.dataset")
+    if isinstance(recipe.calibration.dataset, str):
+        check_name(recipe.calibration.dataset, "calibration.dataset")
+    else:
+        for i, source in enumerate(recipe.calibration.sources()):
+            check_name(source.dataset, f"calibration.dataset[{i}]" + ("" if isinstance(
+                recipe.calibration.dataset[i], str) else ".dataset"))
     for i, spec in enumerate(recipe.evaluate):
         check_name(spec.dataset, f"evaluate[{i}].dataset")
     _check_scores(recipe)

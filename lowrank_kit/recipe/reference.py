@@ -49,7 +49,8 @@ def recipe_reference() -> str:
             cls = reg.get(point, name)
             lines += [f"### `{name}`", "", cls.description, ""]
             if cls.allowed_targets:
-                lines += [f"Targets: {', '.join(f'`{t}`' for t in cls.allowed_targets)} (default: all)."
+                default = ", ".join(f"`{t}`" for t in cls.default_targets) if cls.default_targets else "all"
+                lines += [f"Targets: {', '.join(f'`{t}`' for t in cls.allowed_targets)} (default: {default})."
                           + (" They are rewritten together." if cls.targets_all_or_none else ""), ""]
             if describe_fields(cls.Args):
                 lines += [*_table(cls.Args), ""]
