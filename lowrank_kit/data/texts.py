@@ -21,6 +21,10 @@ DATA_DIR = Path(__file__).parent  # the bundled texts lie beside this module
 BUILTIN = {
     "austen-emma": DATA_DIR / "austen_emma.txt",
     "austen-persuasion": DATA_DIR / "austen_persuasion.txt",
+    # Held-out text of another domain and period (technical prose, 2020s), and a third one
+    # (legal prose) to mix into calibration: see data/PROVENANCE.md.
+    "python-reference": DATA_DIR / "python_reference.txt",
+    "gnu-licenses": DATA_DIR / "gnu_licenses.txt",
 }
 # Hub datasets: (path, config, split for calibration, split for evaluation, text field).
 HUB = {
@@ -147,6 +151,20 @@ def calibration_windows(ids: torch.Tensor, tokenizer: Any, samples: int, seq_len
     starts = torch.randint(0, ids.numel() - length, (samples,), generator=generator)
     rows = [torch.cat([torch.tensor(bos, dtype=torch.long), ids[s : s + length]]) for s in starts.tolist()]
     return torch.stack(rows)
+
+
+def window_counts(weights: list[float], samples: int) -> list[int]:
+    """``samples`` windows split in proportion to ``weights`` (largest remainders), at least one each."""
+    total = sum(weights)
+    exact = [samples * w / total for w in weights]
+    counts = [max(1, int(e)) for e in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda i: exact[i] - int(exact[i]), reverse=True)
+    for i in by_remainder[: max(samples - sum(counts), 0)]:
+        counts[i] += 1
+    while sum(counts) > samples:  # floors of 1 took more than the share allowed
+        largest = max(range(len(counts)), key=lambda i: counts[i])
+        counts[largest] -= 1
+    return counts
 
 
 def evaluation_windows(ids: torch.Tensor, tokenizer: Any, seq_len: int, max_tokens: int,

@@ -27,9 +27,18 @@ class ModelSpec:
 
 
 @dataclass
+class Source:
+    """One calibration text of a mixture, with its share of the windows."""
+
+    dataset: str = _help("a dataset name or file, as for calibration.dataset", default="austen-emma")
+    weight: float = _help("its share of the windows, relative to the other sources' weights", default=1.0)
+
+
+@dataclass
 class DataSpec:
-    dataset: str = _help("austen-emma, austen-persuasion, a .txt/.json/.jsonl file, or wikitext2/c4",
-                         default="austen-emma")
+    dataset: str | list[str | Source] = field(default="austen-emma", metadata={"help": (
+        "austen-emma, austen-persuasion, python-reference, gnu-licenses, a .txt/.json/.jsonl file, or wikitext2/c4; "
+        "or a list of them (each a name or {dataset, weight}) whose windows are mixed in proportion to the weights")})
     samples: int = _help("number of calibration windows", default=32)
     seq_len: int = _help("tokens per window", default=512)
     seed: int = _help("seed of the window sampling", default=0)
@@ -43,7 +52,23 @@ class DataSpec:
     sequential: bool | None = _help("older spelling of pipeline: true = sequential, false = dense_input",
                                     default=None)
 
+    def sources(self) -> list[Source]:
+        """The calibration texts with their weights (one source of weight 1 for a single name)."""
+        if isinstance(self.dataset, str):
+            return [Source(self.dataset, 1.0)]
+        return [Source(item, 1.0) if isinstance(item, str) else item for item in self.dataset]
+
     def check(self, path: str) -> None:
+        if isinstance(self.dataset, list):
+            if not self.dataset:
+                raise RecipeError(join(path, "dataset"), "an empty list: name at least one dataset")
+            for i, source in enumerate(self.sources()):
+                if not source.weight > 0:
+                    raise RecipeError(join(join(path, "dataset"), i) + ".weight",
+                                      f"must be positive, got {source.weight}")
+            if len(self.dataset) > self.samples:
+                raise RecipeError(join(path, "dataset"), f"{len(self.dataset)} sources but only {self.samples} "
+                                                         "windows: every source needs at least one")
         for key in ("samples", "seq_len", "batch_size"):
             if getattr(self, key) < 1:
                 raise RecipeError(join(path, key), f"must be at least 1, got {getattr(self, key)}")

@@ -119,7 +119,7 @@ def build(run: RunState, dense_params: int, compressed_params: int, evaluations:
         "achieved_ratio": 1.0 - kept / total,
         "decoder_linear_params": {"dense": total, "compressed": kept},
         "model_params": {"dense": dense_params, "compressed": compressed_params},
-        "calibration": {"dataset": recipe.calibration.dataset, "samples": recipe.calibration.samples,
+        "calibration": {"dataset": recipe.calibration_data()["dataset"], "samples": recipe.calibration.samples,
                         "seq_len": recipe.calibration.seq_len, "seed": recipe.calibration.seed},
         "evaluation": rows,
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
