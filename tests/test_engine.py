@@ -345,3 +345,19 @@ def test_calibration_and_evaluation_data_can_be_strings_or_a_dataset(tmp_path: P
     with pytest.raises(RecipeError, match="no column 'text'"):
         compress(tiny_recipe(tmp_path, "svd_llm", 0.3), model=tiny_model("llama"), tokenizer=ByteTokenizer(),
                  calibration={"dataset": held_out})
+
+
+def test_calibration_mixes_sources_in_proportion_to_their_weights(tmp_path: Path) -> None:
+    from lowrank_kit.data.texts import load_text, window_counts
+
+    assert window_counts([1.0, 0.5], 16) == [11, 5]
+    assert window_counts([100.0, 1.0, 1.0], 4) == [2, 1, 1]  # every source keeps at least one window
+    recipe = tiny_recipe(tmp_path, "svd_llm", 0.3)
+    recipe["calibration"]["dataset"] = ["austen-emma", {"dataset": "gnu-licenses", "weight": 0.6}]
+    result = compress(recipe, model=tiny_model("llama"), tokenizer=ByteTokenizer(), progress=False)
+    windows = result.run.calibration
+    assert windows.shape == (8, 64)
+    emma, licences = load_text("austen-emma").encode(), load_text("gnu-licenses").encode()
+    found = [(bytes(w.tolist()) in emma, bytes(w.tolist()) in licences) for w in windows]
+    assert found == [(True, False)] * 5 + [(False, True)] * 3
+    assert result.report["calibration"]["dataset"] == ["austen-emma", {"dataset": "gnu-licenses", "weight": 0.6}]
