@@ -52,13 +52,14 @@ GEOMETRY = Geometry(layers=4, hidden=96, heads=6, kv_heads=2, head_dim=16, inter
 
 @pytest.mark.parametrize("ratio", [0.2, 0.3, 0.5])
 @pytest.mark.parametrize("multiple", [1, 8])
-def test_allocator_meets_budget_caps_and_order(ratio: float, multiple: int) -> None:
+@pytest.mark.parametrize("rule", ["parameters", "ranks"])
+def test_allocator_meets_budget_caps_and_order(ratio: float, multiple: int, rule: str) -> None:
     run = SimpleNamespace(geometry=GEOMETRY, name="x", targets=PROJECTIONS)
     units = projection_units(run, "svd_llm", PROJECTIONS)
     generator = torch.Generator().manual_seed(1)
     scores = {u.name: float(torch.rand((), generator=generator)) + 0.05 for u in units}
     scores["layers.2.gate_proj"] = 50.0  # far more important than the rest: kept whole (capped)
-    allocator = FisherAllocator(FisherAllocatorArgs(multiple=multiple))
+    allocator = FisherAllocator(FisherAllocatorArgs(multiple=multiple, rule=rule))
     plan = allocator.lowrank_allocate(fake_run(scores, ratio, GEOMETRY), units)
     achieved = achieved_ratio(plan, units, GEOMETRY.total_linear_params)
     assert ratio <= achieved < ratio + 0.01
@@ -81,8 +82,8 @@ def test_allocator_splits_parameters_not_ranks() -> None:
     """Equal importance gives equal kept parameters (until a cap), whatever the matrix shape."""
     run = SimpleNamespace(geometry=GEOMETRY)
     units = projection_units(run, "svd_llm", ("q_proj", "gate_proj"))
-    plan = FisherAllocator().lowrank_allocate(fake_run(dict.fromkeys((u.name for u in units), 1.0), 0.25, GEOMETRY),
-                                              units)
+    allocator = FisherAllocator(FisherAllocatorArgs(rule="parameters"))
+    plan = allocator.lowrank_allocate(fake_run(dict.fromkeys((u.name for u in units), 1.0), 0.25, GEOMETRY), units)
     q, gate = units[0], units[1]
     assert abs(q.params(plan.ranks[q.name]) - gate.params(plan.ranks[gate.name])) <= gate.rank_cost
 
