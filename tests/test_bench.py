@@ -100,3 +100,14 @@ def test_reused_whole_sequence_evaluations_equal_fresh_ones(tmp_path: Path) -> N
         fresh = evaluate(second.model, ByteTokenizer(), recipe.evaluate[index], False)
         assert second.evaluations["compressed"][index]["value"] == pytest.approx(fresh["value"], rel=1e-6)
     assert second.evaluations["compressed"][2]["decode_macs_saved"] > 0.4  # generation did run again
+
+
+def test_a_second_perplexity_fills_its_own_columns_with_ratios_to_dense() -> None:
+    from lowrank_kit.harness.bench import _evaluation_columns
+
+    report = {"evaluation": [
+        {"metric": "perplexity", "dataset": "austen-persuasion", "dense": 40.0, "compressed": 50.0},
+        {"metric": "perplexity", "dataset": "python-reference", "dense": 10.0, "compressed": 15.0}]}
+    columns = _evaluation_columns(report, "compressed")
+    assert columns["perplexity"] == 50.0 and columns["ppl_x_dense"] == 1.25
+    assert columns["perplexity_2"] == 15.0 and columns["ppl_2_x_dense"] == 1.5

@@ -34,8 +34,9 @@ from lowrank_kit.recipe.schema import RecipeError, to_dict
 from lowrank_kit.recipe.spec import Recipe
 
 SHARED = ("model", "calibration", "evaluate")  # what every recipe of a bench must agree on
-COLUMNS = ("recipe", "target_ratio", "achieved_ratio", "perplexity", "lastword_acc", "rougeL_vs_dense",
-           "decode_macs_saved", "compress_s", "peak_rss_mb", "prefill_tok_s", "decode_tok_s", "error")
+COLUMNS = ("recipe", "target_ratio", "achieved_ratio", "perplexity", "ppl_x_dense", "perplexity_2", "ppl_2_x_dense",
+           "lastword_acc", "rougeL_vs_dense", "decode_macs_saved", "compress_s", "peak_rss_mb", "prefill_tok_s",
+           "decode_tok_s", "error")
 
 
 class PeakMemory:
@@ -104,13 +105,20 @@ def plan_cells(recipes: list[str | Path], ratios: list[float], output: Path,
 def _evaluation_columns(report: dict[str, Any], side: str) -> dict[str, Any]:
     """Perplexity, last-word, ROUGE-L and speed of the ``side`` ("dense" or "compressed") model.
 
-    The first evaluation of each metric fills the columns.
+    The first evaluation of each metric fills the columns; a second perplexity (e.g. on a text of
+    another domain) fills ``perplexity_2``, each with its ratio to the dense model's.
     """
     columns: dict[str, Any] = {}
     for entry in report["evaluation"]:
         details = entry.get("details", {}).get(side, {})
-        if entry["metric"] == "perplexity" and "perplexity" not in columns:
-            columns.update(perplexity=entry.get(side), prefill_tok_s=details.get("prefill_tok_s"))
+        if entry["metric"] == "perplexity" and "perplexity_2" not in columns:
+            name, ratio = ("perplexity", "ppl_x_dense") if "perplexity" not in columns else ("perplexity_2",
+                                                                                             "ppl_2_x_dense")
+            columns[name] = entry.get(side)
+            if entry.get("dense") and entry.get(side) is not None:
+                columns[ratio] = entry[side] / entry["dense"]
+            if name == "perplexity":
+                columns["prefill_tok_s"] = details.get("prefill_tok_s")
         elif entry["metric"] == "lastword" and "lastword_acc" not in columns:
             columns["lastword_acc"] = entry.get(side)
         elif entry["metric"] == "generation" and "rougeL_vs_dense" not in columns:
@@ -134,7 +142,8 @@ def dense_row(report: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-FORMATS = {"perplexity": ",.2f", "target_ratio": "g", "achieved_ratio": ".4f", "lastword_acc": ".3f",
+FORMATS = {"perplexity": ",.2f", "perplexity_2": ",.2f", "ppl_x_dense": ".3f", "ppl_2_x_dense": ".3f",
+           "target_ratio": "g", "achieved_ratio": ".4f", "lastword_acc": ".3f",
            "rougeL_vs_dense": ".3f", "decode_macs_saved": ".1%"}
 
 
@@ -146,8 +155,8 @@ def _fmt(value: Any, column: str) -> str:
     return f"{value:,.1f}" if isinstance(value, float) else str(value)
 
 
-def write_table(rows: list[dict[str, Any]], output: Path) -> None:
-    """bench.csv (every digit) and bench.md (rounded, for people)."""
+def write_table(rows: list[dict[str, Any]], output: Path, legend: list[str] | None = None) -> None:
+    """bench.csv (every digit) and bench.md (rounded, for people, with ``legend`` lines below)."""
     buffer = text_io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()
@@ -159,6 +168,8 @@ def write_table(rows: list[dict[str, Any]], output: Path) -> None:
         if row.get("error"):
             failed.append(row)
         lines.append("| " + " | ".join(_fmt(row.get(c), c) for c in COLUMNS[:-1]) + " |")
+    if legend:
+        lines += ["", *legend]
     if failed:
         lines += ["", "Failed cells:", ""] + [f"- {r['recipe']} at {r['target_ratio']:g}: {r['error']}" for r in failed]
     (output / "bench.md").write_text("\n".join(lines) + "\n")
@@ -243,6 +254,9 @@ def run_bench(recipes: list[str | Path], ratios: list[float], output: str | Path
     bar = tqdm(cells, desc="bench", unit="cell", disable=not progress)
     previous: Any = None  # the last compressed run, reused by a recipe that differs only in decode
     store = DenseStore()  # dense-model statistics and factorisations, computed once for every cell reading them
+    texts = [e.dataset for e in cells[0].evaluate if e.metric == "perplexity"]
+    legend = [f"{name}: on {text}" + (" (x_dense: its ratio to the dense model's)" if i == 0 else "")
+              for i, (name, text) in enumerate(zip(("perplexity", "perplexity_2"), texts, strict=False))]
     for recipe in bar:
         bar.set_postfix_str(f"{recipe.name} @ {recipe.target.ratio:g}")
         folder = recipe.output_dir()
@@ -274,7 +288,7 @@ def run_bench(recipes: list[str | Path], ratios: list[float], output: str | Path
                          "error": f"{type(err).__name__}: {err}"})
             with log.open("a") as handle:
                 handle.write(f"--- {recipe.name} at {recipe.target.ratio:g}\n{traceback.format_exc()}\n")
-        write_table(rows, output)
+        write_table(rows, output, legend)
     write_plots(rows, plans, output)
     (output / "bench.json").write_text(json.dumps({
         "recipes": [str(r) for r in recipes], "ratios": ratios, "wall_s": time.perf_counter() - started,
