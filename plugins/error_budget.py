@@ -129,6 +129,22 @@ def plan_ranks(options: dict[str, list[Point]], budget: float) -> dict[str, int]
     return {name: options[name][position[name]][2] for name in options}
 
 
+def loss_scale(run: RunState) -> float:
+    """Turns s·E into a predicted increase of the mean calibration loss, in nats.
+
+    The scoring pass takes g_t = ∂L_b/∂y_t of each batch's mean loss L_b (T_b tokens, n_b
+    batches); with the empirical Fisher T_b Σ_t g_t g_tᵀ as the Hessian of L_b and token-wise
+    gradient and error energies independent, the mean over batches of ½ δᵀHδ is s·E / (2 n_b²).
+    Only ratios between units steer the plan; this constant makes the report's predictions
+    comparable with measured losses (benchmarks/loss_by_layer.py).
+    """
+    calibration = getattr(getattr(run, "recipe", None), "calibration", None)
+    if calibration is None:
+        return 1.0
+    batches = -(-calibration.samples // calibration.batch_size)
+    return 1.0 / (2 * batches**2)
+
+
 class ErrorBudget(Strategy):
     name = "error_budget"
     point = "allocate"
@@ -160,7 +176,9 @@ class ErrorBudget(Strategy):
             per_layer[u.layer][0] += u.params(plan.rank(u))
             per_layer[u.layer][1] += u.dense_params
         plan.layer_fractions = [k / d if d else 1.0 for k, d in per_layer]
-        predicted = {u.name: sensitivity[u.name] * run.error_curves[u.name].error[plan.rank(u)] for u in units}
+        scale = loss_scale(run)
+        predicted = {u.name: scale * sensitivity[u.name] * run.error_curves[u.name].error[plan.rank(u)]
+                     for u in units}
         plan.notes = {"multiple": self.args.multiple, "budget": budget,
                       "achieved_ratio": achieved_ratio(plan, units, total),
                       "predicted_loss": sum(predicted.values()),

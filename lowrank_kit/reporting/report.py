@@ -98,10 +98,12 @@ def build(run: RunState, dense_params: int, compressed_params: int, evaluations:
     total = run.geometry.total_linear_params
     kept = decoder_linear_params(run.adapter)
     plan = run.require_plan()
+    predicted = plan.notes.get("predicted_loss_per_unit", {})  # allocators that predict each unit's loss
     modules = [
         {"unit": u.name, "kind": u.kind, "transform": u.transform, "rank": plan.rank(u), "max_rank": u.max_rank,
          "dense": u.is_dense(plan.rank(u)),
-         "params_dense": u.dense_params, "params_kept": u.params(plan.rank(u))}
+         "params_dense": u.dense_params, "params_kept": u.params(plan.rank(u)),
+         **({"predicted_loss": predicted[u.name]} if u.name in predicted else {})}
         for u in run.units
     ]
     rows = [evaluation_row(d, c) for d, c in zip(evaluations["dense"], evaluations["compressed"], strict=False)]
