@@ -25,9 +25,11 @@ from lowrank_kit.compressed.plan import (
     RankPlan,
     Unit,
     achieved_ratio,
+    candidates,
     capped_shares,
     largest_meeting_target,
     plan_from_fractions,
+    plan_ranks,
     uniform_fraction,
 )
 from lowrank_kit.extension.hookspecs import hookimpl
@@ -51,12 +53,11 @@ from lowrank_kit.recipe.schema import RecipeError
 
 __all__ = [
     "ATTENTION_PROJECTIONS", "MLP_PROJECTIONS", "PROJECTIONS", "AbsMean", "AngularChange", "ErrorCurve", "Geometry",
-    "GradEnergy", "Gram",
-    "HeadGram", "HeadwiseLowRank", "LowRankLinear", "ModelAdapter", "NoArgs", "ProjectionFactorization", "RankPlan",
-    "RecipeError",
-    "ResizedLinear", "RunState", "ScoreLevel", "SliceableRank", "Spectrum", "SquaredGrad", "Statistic", "Strategy",
-    "StrategyRegistry", "Tap", "Unit", "ValueDimAttention", "achieved_ratio", "capped_shares", "group_name",
-    "hookimpl", "install_decoder", "largest_meeting_target", "layer_name", "layer_score", "plan_from_fractions",
-    "projection_name", "projection_score", "projection_units", "psd_cholesky", "scaled_spectrum", "shrink_values",
-    "statistic_key", "svd_spectrum", "uniform_fraction", "whitened_spectrum",
+    "GradEnergy", "Gram", "HeadGram", "HeadwiseLowRank", "LowRankLinear", "ModelAdapter", "NoArgs",
+    "ProjectionFactorization", "RankPlan", "RecipeError", "ResizedLinear", "RunState", "ScoreLevel", "SliceableRank",
+    "Spectrum", "SquaredGrad", "Statistic", "Strategy", "StrategyRegistry", "Tap", "Unit", "ValueDimAttention",
+    "achieved_ratio", "candidates", "capped_shares", "group_name", "hookimpl", "install_decoder",
+    "largest_meeting_target", "layer_name", "layer_score", "plan_from_fractions", "plan_ranks", "projection_name",
+    "projection_score", "projection_units", "psd_cholesky", "scaled_spectrum", "shrink_values", "statistic_key",
+    "svd_spectrum", "uniform_fraction", "whitened_spectrum",
 ]

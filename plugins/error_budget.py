@@ -28,11 +28,9 @@ dense model, as every allocator here does.
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass, field
 
 from lowrank_kit.extend import (
-    ErrorCurve,
     RankPlan,
     RecipeError,
     RunState,
@@ -40,11 +38,11 @@ from lowrank_kit.extend import (
     StrategyRegistry,
     Unit,
     achieved_ratio,
+    candidates,
     hookimpl,
+    plan_ranks,
     projection_score,
 )
-
-Point = tuple[int, float, int]  # (parameters kept, predicted loss, rank)
 
 
 @dataclass
@@ -54,79 +52,6 @@ class ErrorBudgetArgs:
     def check(self, path: str) -> None:
         if self.multiple < 1:
             raise RecipeError(f"{path}.multiple", f"must be at least 1, got {self.multiple}")
-
-
-def candidates(unit: Unit, curve: ErrorCurve, sensitivity: float, multiple: int) -> list[Point]:
-    """The unit's (parameters, predicted loss, rank) choices, by increasing parameters."""
-    if len(curve.error) != unit.max_rank + 1:
-        raise ValueError(f"error curve of {unit.name} has {len(curve.error)} points, expected {unit.max_rank + 1}")
-    points = [(unit.params(r), sensitivity * curve.error[r], r)
-              for r in range(0, unit.max_rank, multiple) if not unit.is_dense(r)]
-    points.append((unit.dense_params, 0.0, unit.max_rank))
-    return points
-
-
-def lower_hull(points: list[Point]) -> list[Point]:
-    """The lower convex hull of points sorted by parameters (Andrew's monotone chain).
-
-    Its last point (dense, loss 0) is the lowest, so loss never increases along it and the
-    loss saved per parameter decreases from one segment to the next.
-    """
-    hull: list[Point] = []
-    for p in points:
-        while len(hull) >= 2:
-            (x1, y1, _), (x2, y2, _) = hull[-2], hull[-1]
-            if (x2 - x1) * (p[1] - y1) - (y2 - y1) * (p[0] - x1) <= 0:  # hull[-1] lies on or above the chord
-                hull.pop()
-            else:
-                break
-        hull.append(p)
-    return hull
-
-
-def plan_ranks(options: dict[str, list[Point]], budget: float) -> dict[str, int]:
-    """Ranks minimising total predicted loss with total parameters ≤ ``budget`` (steps 2 and 3 above)."""
-    hulls = {name: lower_hull(points) for name, points in options.items()}
-    at = dict.fromkeys(options, 0)  # index into the unit's hull
-    spent = float(sum(h[0][0] for h in hulls.values()))
-    heap = []
-
-    def push(name: str) -> None:
-        hull, i = hulls[name], at[name]
-        if i + 1 < len(hull):
-            (c0, l0, _), (c1, l1, _) = hull[i], hull[i + 1]
-            if l0 > l1:  # parameters that buy no loss reduction are not spent
-                heapq.heappush(heap, (-(l0 - l1) / (c1 - c0), name))
-
-    for name in hulls:
-        push(name)
-    while heap:
-        _, name = heapq.heappop(heap)
-        hull, i = hulls[name], at[name]
-        step = hull[i + 1][0] - hull[i][0]
-        if spent + step <= budget:
-            spent += step
-            at[name] = i + 1
-            push(name)
-    chosen = {name: hulls[name][at[name]] for name in hulls}
-    # Step 3: fill what is left with single candidate steps (off the hull too), best first.
-    position = {name: options[name].index(chosen[name]) for name in options}
-    while True:
-        best: str | None = None
-        best_gain = 0.0
-        for name, points in options.items():
-            j = position[name]
-            if j + 1 < len(points):
-                step = points[j + 1][0] - points[j][0]
-                gain = (points[j][1] - points[j + 1][1]) / step
-                if gain > 0 and spent + step <= budget and (best is None or gain > best_gain):
-                    best, best_gain = name, gain
-        if best is None:
-            break
-        j = position[best]
-        spent += options[best][j + 1][0] - options[best][j][0]
-        position[best] = j + 1
-    return {name: options[name][position[name]][2] for name in options}
 
 
 def loss_scale(run: RunState) -> float:
@@ -168,7 +93,7 @@ class ErrorBudget(Strategy):
             if key not in run.scores:
                 raise ValueError(f"error_budget needs the output sensitivity of {key} (score: output_gradient)")
             sensitivity[unit.name] = run.scores[key]
-            options[unit.name] = candidates(unit, curve, sensitivity[unit.name], self.args.multiple)
+            options[unit.name] = candidates(unit, curve.error, sensitivity[unit.name], self.args.multiple)
         ranks = plan_ranks(options, budget)
         plan = RankPlan(ranks=ranks, allocator=self.name)
         per_layer = [[0, 0] for _ in range(run.geometry.layers)]

@@ -43,9 +43,11 @@ from lowrank_kit.extend import (
     Tap,
     Unit,
     achieved_ratio,
+    candidates,
     capped_shares,
     hookimpl,
     largest_meeting_target,
+    plan_ranks,
     projection_name,
     projection_score,
     statistic_key,
@@ -85,9 +87,10 @@ class FisherScore(Strategy):
 class FisherAllocatorArgs:
     multiple: int = field(default=1, metadata={"help": "round ranks down to a multiple of this (8 or 32 on large "
                                                         "models, for fast kernels)"})
-    rule: Literal["parameters", "ranks"] = field(default="ranks", metadata={
+    rule: Literal["parameters", "ranks", "truncation"] = field(default="ranks", metadata={
         "help": "split the budget in proportion to importance in parameters (ALGORITHMS.md §3a) or in rank units "
-                "(Palu's rank search)"})
+                "(Palu's rank search); or spend it where the Fisher-weighted weight error of truncation is "
+                "smallest per parameter (needs single-projection factorisations: svd, svd_llm, asvd)"})
 
     def check(self, path: str) -> None:
         if self.multiple < 1:
@@ -119,10 +122,37 @@ class FisherAllocator(Strategy):
     Args = FisherAllocatorArgs
     consumes = "projection"
 
+    @property  # type: ignore[override]
+    def needs_error_curves(self) -> bool:
+        return self.args.rule == "truncation"
+
+    def _truncation_plan(self, run: RunState, units: list[Unit], importance: list[float]) -> RankPlan:
+        """ΔL(r) ≈ ½ F̄ ‖W − W_r‖²_F per unit, F̄ ≈ s_p² (the score is a mean RMS gradient), planned
+        greedily by predicted loss per parameter as error_budget does with output errors."""
+        options = {}
+        for u, score in zip(units, importance, strict=True):
+            curve = run.error_curves[u.name]
+            if not curve.weight_error:
+                raise RecipeError("allocate.rule", f"'truncation' needs weight-space error curves, which transform "
+                                                   f"'{u.transform}' does not report; use rule: ranks")
+            options[u.name] = candidates(u, curve.weight_error, score**2, self.args.multiple)
+        total = run.geometry.total_linear_params
+        budget = sum(u.dense_params for u in units) - run.target_ratio * total
+        plan = RankPlan(ranks=plan_ranks(options, budget), allocator=self.name)
+        plan.notes = {"budget": budget, "rule": self.args.rule, "multiple": self.args.multiple}
+        per_layer = [[0, 0] for _ in range(run.geometry.layers)]
+        for u in units:
+            per_layer[u.layer][0] += u.params(plan.rank(u))
+            per_layer[u.layer][1] += u.dense_params
+        plan.layer_fractions = [k / d if d else 1.0 for k, d in per_layer]
+        return plan
+
     @hookimpl
     def lowrank_allocate(self, run: RunState, units: list[Unit]) -> RankPlan:
         geometry = run.geometry
         importance = [unit_importance(u, run.scores, geometry) for u in units]
+        if self.args.rule == "truncation":
+            return self._truncation_plan(run, units, importance)
         sizes = [float(u.dense_params) for u in units]
         total = geometry.total_linear_params
         keep = uniform_fraction(units, total, run.target_ratio)

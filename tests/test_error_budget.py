@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import ByteTokenizer, tiny_model, tiny_recipe
-from lowrank_kit_plugins.error_budget import ErrorBudget, ErrorBudgetArgs, candidates, plan_ranks
+from lowrank_kit_plugins.error_budget import ErrorBudget, ErrorBudgetArgs
 
 from lowrank_kit import compress
-from lowrank_kit.compressed.plan import ErrorCurve, RankPlan, Unit, achieved_ratio
+from lowrank_kit.compressed.plan import ErrorCurve, RankPlan, Unit, achieved_ratio, candidates, plan_ranks
 from lowrank_kit.models.adapters import adapter_for
 
 BUDGET = {"score": "output_gradient", "allocate": "error_budget"}
@@ -49,7 +49,7 @@ def test_greedy_plan_equals_brute_force_on_a_small_case() -> None:
     options = {}
     for u in units:
         dropped = sorted(torch.rand(6, generator=generator).mul(10).tolist(), reverse=True)
-        options[u.name] = candidates(u, curve_of(u, dropped), 1.0, 1)
+        options[u.name] = candidates(u, curve_of(u, dropped).error, 1.0, 1)
     for budget in (0, 40, 90, 130, 200, 240):
         ranks = plan_ranks(options, budget)
         assert sum(u.params(ranks[u.name]) for u in units) <= budget
@@ -65,7 +65,7 @@ def test_brute_force_with_unequal_costs_and_a_dense_choice() -> None:
              unit("layers.1.c", 1, rank_cost=5, max_rank=6)]
     dropped = {"layers.0.a": [9, 4, 2, 1, 0.5], "layers.0.b": [3, 3, 2, 2, 1, 1, 0.5, 0.2],
                "layers.1.c": [20, 5, 1, 0.5, 0.2, 0.1]}
-    options = {u.name: candidates(u, curve_of(u, dropped[u.name]), 1.0, 1) for u in units}
+    options = {u.name: candidates(u, curve_of(u, dropped[u.name]).error, 1.0, 1) for u in units}
     assert options["layers.0.a"][-1] == (70, 0.0, 5)  # dense: 70 parameters, below 5 · 7 · 2 at rank 5
     exact = 0
     for budget in range(0, 150, 7):

@@ -154,3 +154,29 @@ def test_fisher_rules_against_a_hand_computed_example(rule: str, expected: list[
                           scores={"layers.0.q_proj": 1.0, "layers.0.k_proj": 3.0, "layers.0.gate_proj": 7.0})
     plan = FisherAllocator(FisherAllocatorArgs(rule=rule)).lowrank_allocate(run=run, units=units)
     assert [plan.rank(u) for u in units] == expected
+
+
+def test_truncation_rule_plans_from_weight_errors_and_refuses_other_transforms(tmp_path: Path) -> None:
+    from lowrank_kit.models.adapters import adapter_for
+    from lowrank_kit.recipe.schema import RecipeError
+
+    model = tiny_model("llama")
+    dense = copy.deepcopy(model)
+    recipe = tiny_recipe(tmp_path, "svd_llm", 0.4, score="fisher", allocate={"plugin": "fisher", "rule": "truncation"})
+    result = compress(recipe, model=model, tokenizer=ByteTokenizer(), progress=False)
+    assert result.report["achieved_ratio"] == pytest.approx(0.4, abs=0.01)
+    plan, run = result.run.plan, result.run
+    assert len(set(plan.ranks.values())) > 1  # not a uniform split (random weights: flat spectra, so mostly 0 or full)
+    for unit in run.units[:7]:  # the curve's weight error is the factorised weight's distance from dense
+        rank = plan.rank(unit)
+        if unit.is_dense(rank):
+            continue
+        module = adapter_for(result.model).projection(unit.layer, unit.projection)
+        weight = (module.a @ module.b).detach().double()
+        expected = (adapter_for(dense).projection(unit.layer, unit.projection).weight.double() - weight).pow(2).sum()
+        assert run.error_curves[unit.name].weight_error[rank] == pytest.approx(float(expected), rel=1e-3)
+    recipe = tiny_recipe(tmp_path, "headwise_pca", 0.3, score="fisher", allocate={"plugin": "fisher",
+                                                                                   "rule": "truncation"})
+    recipe["output"]["dir"] = str(tmp_path / "other")
+    with pytest.raises(RecipeError, match="allocate.rule.*weight-space error curves"):
+        compress(recipe, model=tiny_model("llama"), tokenizer=ByteTokenizer(), progress=False)

@@ -90,14 +90,17 @@ class ProjectionFactorization(Strategy):
 
         W ≈ Σᵢ aᵢ bᵢᵀ with orthogonal aᵢ (columns of U Σ½), so dropping components i ≥ r costs
         ‖Σ_{i≥r} aᵢ bᵢᵀ X‖² = Σ_{i≥r} ‖aᵢ‖² · bᵢᵀ (XᵀX) bᵢ (the cross terms vanish); for SVD-LLM's
-        whitened spectrum this is exactly σᵢ².
+        whitened spectrum this is exactly σᵢ². In weight space the same components cost
+        ‖aᵢ‖²‖bᵢ‖² each (``weight_error``; exact too, as the aᵢ are orthogonal).
         """
         curves = []
         for unit in run.units_of(self.name, layer):
             gram = run.stat(statistic_key(Gram, run.adapter.input_site(layer, unit.projection))).matrix
             a, b = self._spectrum(run, layer, unit).factors(unit.max_rank)
-            dropped = a.pow(2).sum(0) * ((b @ gram.to(b.dtype)) * b).sum(1)
-            curves.append(ErrorCurve.from_tail(unit.name, unit.projection, dropped.tolist()))
+            left = a.pow(2).sum(0)
+            dropped = left * ((b @ gram.to(b.dtype)) * b).sum(1)
+            curves.append(ErrorCurve.from_tail(unit.name, unit.projection, dropped.tolist(),
+                                               (left * b.pow(2).sum(1)).tolist()))
         return curves
 
     @hookimpl

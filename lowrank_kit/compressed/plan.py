@@ -7,7 +7,9 @@ Allocators only see units, so any allocator drives any transform.
 
 from __future__ import annotations
 
+import heapq
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -71,20 +73,28 @@ class ErrorCurve:
     unit: str
     site: str
     error: tuple[float, ...]
+    # ‖W − W_r‖²_F summed over the unit's weights, where the transform can tell (single-projection
+    # factorisations); empty otherwise. Weight-space allocators (fisher's truncation rule) read it.
+    weight_error: tuple[float, ...] = ()
 
     @classmethod
-    def from_tail(cls, unit: str, site: str, dropped: Any) -> ErrorCurve:
+    def from_tail(cls, unit: str, site: str, dropped: Any, weight_dropped: Any = None) -> ErrorCurve:
         """From the error each component adds when dropped (component i is kept at ranks above i):
-        error[r] = Σ_{i ≥ r} dropped[i]."""
-        values = [float(v) for v in dropped]
-        tail, total = [0.0] * (len(values) + 1), 0.0
-        for i in range(len(values) - 1, -1, -1):
-            total += max(values[i], 0.0)
-            tail[i] = total
-        return cls(unit, site, tuple(tail))
+        error[r] = Σ_{i ≥ r} dropped[i]; the same for ``weight_dropped``."""
+        return cls(unit, site, _tail(dropped), _tail(weight_dropped) if weight_dropped is not None else ())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"unit": self.unit, "site": self.site, "error": list(self.error)}
+        return {"unit": self.unit, "site": self.site, "error": list(self.error),
+                "weight_error": list(self.weight_error)}
+
+
+def _tail(dropped: Any) -> tuple[float, ...]:
+    values = [float(v) for v in dropped]
+    tail, total = [0.0] * (len(values) + 1), 0.0
+    for i in range(len(values) - 1, -1, -1):
+        total += max(values[i], 0.0)
+        tail[i] = total
+    return tuple(tail)
 
 
 @dataclass
@@ -175,3 +185,85 @@ def largest_meeting_target(plan_for: Any, high: float, ratio_of: Any, target: fl
         else:
             high = middle
     return plan_for(low)
+
+
+# --- planning from truncation-error curves (error_budget; fisher's truncation rule) -------------
+
+Point = tuple[int, float, int]  # (parameters kept, predicted loss, rank)
+
+
+def candidates(unit: Unit, error: Sequence[float], sensitivity: float, multiple: int) -> list[Point]:
+    """The unit's (parameters, predicted loss, rank) choices, by increasing parameters.
+
+    ``error[r]`` is the unit's error at rank r (an ``ErrorCurve``'s), ``sensitivity`` converts it
+    into loss; ranks are multiples of ``multiple`` below the dense break-even, plus staying dense.
+    """
+    if len(error) != unit.max_rank + 1:
+        raise ValueError(f"error curve of {unit.name} has {len(error)} points, expected {unit.max_rank + 1}")
+    points = [(unit.params(r), sensitivity * error[r], r)
+              for r in range(0, unit.max_rank, multiple) if not unit.is_dense(r)]
+    points.append((unit.dense_params, 0.0, unit.max_rank))
+    return points
+
+
+def lower_hull(points: list[Point]) -> list[Point]:
+    """The lower convex hull of points sorted by parameters (Andrew's monotone chain).
+
+    Its last point (dense, loss 0) is the lowest, so loss never increases along it and the
+    loss saved per parameter decreases from one segment to the next.
+    """
+    hull: list[Point] = []
+    for p in points:
+        while len(hull) >= 2:
+            (x1, y1, _), (x2, y2, _) = hull[-2], hull[-1]
+            if (x2 - x1) * (p[1] - y1) - (y2 - y1) * (p[0] - x1) <= 0:  # hull[-1] lies on or above the chord
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return hull
+
+
+def plan_ranks(options: dict[str, list[Point]], budget: float) -> dict[str, int]:
+    """Ranks minimising total predicted loss with total parameters ≤ ``budget`` (steps 2 and 3 above)."""
+    hulls = {name: lower_hull(points) for name, points in options.items()}
+    at = dict.fromkeys(options, 0)  # index into the unit's hull
+    spent = float(sum(h[0][0] for h in hulls.values()))
+    heap = []
+
+    def push(name: str) -> None:
+        hull, i = hulls[name], at[name]
+        if i + 1 < len(hull):
+            (c0, l0, _), (c1, l1, _) = hull[i], hull[i + 1]
+            if l0 > l1:  # parameters that buy no loss reduction are not spent
+                heapq.heappush(heap, (-(l0 - l1) / (c1 - c0), name))
+
+    for name in hulls:
+        push(name)
+    while heap:
+        _, name = heapq.heappop(heap)
+        hull, i = hulls[name], at[name]
+        step = hull[i + 1][0] - hull[i][0]
+        if spent + step <= budget:
+            spent += step
+            at[name] = i + 1
+            push(name)
+    chosen = {name: hulls[name][at[name]] for name in hulls}
+    # Step 3: fill what is left with single candidate steps (off the hull too), best first.
+    position = {name: options[name].index(chosen[name]) for name in options}
+    while True:
+        best: str | None = None
+        best_gain = 0.0
+        for name, points in options.items():
+            j = position[name]
+            if j + 1 < len(points):
+                step = points[j + 1][0] - points[j][0]
+                gain = (points[j][1] - points[j + 1][1]) / step
+                if gain > 0 and spent + step <= budget and (best is None or gain > best_gain):
+                    best, best_gain = name, gain
+        if best is None:
+            break
+        j = position[best]
+        spent += options[best][j + 1][0] - options[best][j][0]
+        position[best] = j + 1
+    return {name: options[name][position[name]][2] for name in options}

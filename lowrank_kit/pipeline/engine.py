@@ -146,7 +146,7 @@ class Engine:
             if self.recipe.score:
                 with self.phase("score"):
                     self._scores(run, pm)
-            if any(getattr(strategy, "needs_error_curves", False) for strategy in pm.get_plugins()):
+            if any(getattr(strategy, "needs_error_curves", False) is True for strategy in pm.get_plugins()):
                 with self.phase("error curves"):
                     self._error_curves(run, pm)
             with self.phase("allocate"):
@@ -368,10 +368,11 @@ class Engine:
         """Every unit's truncation-error curve, from the cache when this model, data and these
         transforms were measured before (the pass costs a dense forward and every decomposition)."""
         cache = Cache(run.recipe.output.cache_dir)
-        key = {**self._data_key(run), "transform": [c.to_dict() for c in run.recipe.transform]}
+        key = {**self._data_key(run), "transform": [c.to_dict() for c in run.recipe.transform], "curves": 2}
         cached = cache.get("error-curves", key)
         if cached is not None:
-            run.error_curves = {name: ErrorCurve(name, entry["site"], tuple(entry["error"]))
+            run.error_curves = {name: ErrorCurve(name, entry["site"], tuple(entry["error"]),
+                                                 tuple(entry.get("weight_error", ())))
                                 for name, entry in cached.items()}
             run.notes["error_curves"] = {"cached": True}
             return
@@ -383,8 +384,7 @@ class Engine:
             raise RuntimeError(f"allocator '{run.recipe.allocate.plugin}' plans from truncation-error curves, but "
                                f"transform {', '.join(transforms)} reported none (lowrank_error_curves) for "
                                f"{len(missing)} units, e.g. {missing[0]}")
-        cache.put("error-curves", key, {name: {"site": c.site, "error": list(c.error)}
-                                        for name, c in run.error_curves.items()})
+        cache.put("error-curves", key, {name: c.to_dict() for name, c in run.error_curves.items()})
         run.notes["error_curves"] = {"cached": False}
 
     def _data_key(self, run: RunState) -> dict[str, Any]:
