@@ -178,5 +178,5 @@ def test_truncation_rule_plans_from_weight_errors_and_refuses_other_transforms(t
     recipe = tiny_recipe(tmp_path, "headwise_pca", 0.3, score="fisher", allocate={"plugin": "fisher",
                                                                                    "rule": "truncation"})
     recipe["output"]["dir"] = str(tmp_path / "other")
-    with pytest.raises(RecipeError, match="allocate.rule.*weight-space error curves"):
+    with pytest.raises(RecipeError, match=r"allocate\.rule.*weight-space error curves"):
         compress(recipe, model=tiny_model("llama"), tokenizer=ByteTokenizer(), progress=False)
