@@ -106,3 +106,15 @@ def test_a_tied_embedding_is_saved_once_and_reloads_tied(tmp_path: Path) -> None
     reloaded = load_pretrained(result.output_dir)
     assert reloaded.lm_head.weight is reloaded.get_input_embeddings().weight
     assert torch.equal(logits(reloaded), logits(result.model))
+
+
+def test_int8_headwise_query_key_factors_reload_exactly(tmp_path: Path) -> None:
+    """q/k head-wise PCA: the r×d factor becomes int8, the small per-head [H, d_h, r] one stays float."""
+    from lowrank_kit.compressed.modules import HeadwiseLowRank
+
+    raw = tiny_recipe(tmp_path, "headwise_pca", 0.3, quantize={"weights": "int8"},
+                      transform=[{"plugin": "headwise_pca", "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}])
+    result = compress(raw, model=tiny_model("qwen2"), tokenizer=ByteTokenizer(), progress=False)
+    found = [m for m in result.model.modules() if isinstance(m, HeadwiseLowRank)]
+    assert found and all(quantization.is_quantized(m.b) and not quantization.is_quantized(m.a) for m in found)
+    assert torch.equal(logits(load_pretrained(result.output_dir)), logits(result.model))
