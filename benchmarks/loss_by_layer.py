@@ -26,6 +26,7 @@ def main() -> None:
     import torch
 
     from lowrank_kit.data.texts import evaluation_windows, load_text, tokenize
+    from lowrank_kit.models import hf_compat
     from lowrank_kit.models.adapters import adapter_for
     from lowrank_kit.models.loading import load_model
     from lowrank_kit.persistence.saving import load_pretrained
@@ -38,6 +39,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
 
+    hf_compat.silence_gguf_progress()
     report = json.loads((args.folder / "report.json").read_text())
     dense, tokenizer = load_model(report["model"])
     compressed = load_pretrained(args.folder)
