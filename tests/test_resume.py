@@ -173,14 +173,19 @@ CHILD = textwrap.dedent("""
     from lowrank_kit.pipeline.callbacks import Callback
 
     STALL = float(os.environ.get("STALL_S", "0"))  # time for a signal to land before the work goes on
+    HOLD = os.environ.get("HOLD_AT", "")  # the announcement after which to wait for the parent's signal
+
+    def announce(line):
+        print(line, flush=True)
+        if line == HOLD:  # however loaded the machine, the signal lands here, not after the run
+            time.sleep(120)
+        time.sleep(STALL)
 
     class Announce(Callback):
         def on_layer_start(self, run, layer):
-            print(f"layer {{layer}}", flush=True)
-            time.sleep(STALL)
+            announce(f"layer {{layer}}")
         def on_phase_start(self, run, phase):
-            print(f"phase {{phase}}", flush=True)
-            time.sleep(STALL * 10 if phase == "save" else 0)
+            announce(f"phase {{phase}}")
 
     engine.load_model = lambda *args: (deep_model(), ByteTokenizer())  # the tiny model stands in for model.path
     start = engine.Engine.__init__
@@ -192,14 +197,16 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def child(tmp_path: Path, raw: dict[str, Any], *flags: str, stall_s: float = 0.0) -> subprocess.Popen[str]:
+def child(tmp_path: Path, raw: dict[str, Any], *flags: str, stall_s: float = 0.0,
+          hold: str = "") -> subprocess.Popen[str]:
     path = tmp_path / f"{Path(raw['output']['dir']).name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     script = tmp_path / "child.py"
     script.write_text(CHILD.format(tests=str(Path(__file__).parent)))
     return subprocess.Popen([sys.executable, str(script), "compress", str(path), "--quiet", *flags],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "STALL_S": str(stall_s)})
+                            env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "STALL_S": str(stall_s),
+                                 "HOLD_AT": hold})
 
 
 def finish(process: subprocess.Popen[str]) -> str:
@@ -232,7 +239,7 @@ def test_kill_9_then_resume_gives_the_same_weights(tmp_path: Path, where: str, r
     layer = random.randrange(LAYERS)
     stop = "phase save" if where == "save" else f"layer {layer}"
     raw = recipe(tmp_path, "flat", "killed")
-    process = child(tmp_path, raw, stall_s=0.3)
+    process = child(tmp_path, raw, hold=stop)
     stop_child(process, stop, signal.SIGKILL)
     process.wait(timeout=300)
     assert process.returncode == -signal.SIGKILL
@@ -248,7 +255,7 @@ def test_kill_9_then_resume_gives_the_same_weights(tmp_path: Path, where: str, r
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_or_sigterm_says_where_and_what_is_kept(tmp_path: Path, sig: int) -> None:
     raw = recipe(tmp_path, "flat", "out")
-    process = child(tmp_path, raw, stall_s=0.3)
+    process = child(tmp_path, raw, hold="layer 3")
     stop_child(process, "layer 3", sig)
     _, err = process.communicate(timeout=300)
     assert process.returncode == 130
