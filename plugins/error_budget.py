@@ -96,11 +96,7 @@ class ErrorBudget(Strategy):
             options[unit.name] = candidates(unit, curve.error, sensitivity[unit.name], self.args.multiple)
         ranks = plan_ranks(options, budget)
         plan = RankPlan(ranks=ranks, allocator=self.name)
-        per_layer = [[0, 0] for _ in range(run.geometry.layers)]
-        for u in units:
-            per_layer[u.layer][0] += u.params(plan.rank(u))
-            per_layer[u.layer][1] += u.dense_params
-        plan.layer_fractions = [k / d if d else 1.0 for k, d in per_layer]
+        plan.layer_fractions = plan.fractions_by_layer(units, run.geometry.layers)
         scale = loss_scale(run)
         predicted = {u.name: scale * sensitivity[u.name] * run.error_curves[u.name].error[plan.rank(u)]
                      for u in units}

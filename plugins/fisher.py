@@ -140,11 +140,7 @@ class FisherAllocator(Strategy):
         budget = sum(u.dense_params for u in units) - run.target_ratio * total
         plan = RankPlan(ranks=plan_ranks(options, budget), allocator=self.name)
         plan.notes = {"budget": budget, "rule": self.args.rule, "multiple": self.args.multiple}
-        per_layer = [[0, 0] for _ in range(run.geometry.layers)]
-        for u in units:
-            per_layer[u.layer][0] += u.params(plan.rank(u))
-            per_layer[u.layer][1] += u.dense_params
-        plan.layer_fractions = [k / d if d else 1.0 for k, d in per_layer]
+        plan.layer_fractions = plan.fractions_by_layer(units, run.geometry.layers)
         return plan
 
     @hookimpl
@@ -170,11 +166,7 @@ class FisherAllocator(Strategy):
                 ranks = {u.name: round_rank(u, u.rank_for_fraction(share / u.dense_params), self.args.multiple)
                          for u, share in zip(units, kept, strict=True)}
             plan = RankPlan(ranks=ranks, allocator=self.name)
-            per_layer = [[0, 0] for _ in range(layers)]
-            for u in units:
-                per_layer[u.layer][0] += u.params(plan.rank(u))
-                per_layer[u.layer][1] += u.dense_params
-            plan.layer_fractions = [k / d if d else 1.0 for k, d in per_layer]
+            plan.layer_fractions = plan.fractions_by_layer(units, layers)
             plan.notes = {"keep_fraction": keep, "budget": budget, "rule": self.args.rule,
                           "multiple": self.args.multiple}
             return plan

@@ -115,6 +115,14 @@ class RankPlan:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def fractions_by_layer(self, units: list[Unit], layers: int) -> list[float]:
+        """Kept share of the targeted parameters of each layer (1.0 where nothing is targeted)."""
+        kept, dense = [0] * layers, [0] * layers
+        for u in units:
+            kept[u.layer] += u.params(self.rank(u))
+            dense[u.layer] += u.dense_params
+        return [k / d if d else 1.0 for k, d in zip(kept, dense, strict=True)]
+
 
 def achieved_ratio(plan: RankPlan, units: list[Unit], total_dense: int) -> float:
     """Fraction of all decoder-layer linear weights removed (embeddings, lm_head, norms excluded)."""
