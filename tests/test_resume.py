@@ -163,8 +163,12 @@ def test_a_failure_before_any_layer_leaves_no_partial_folder(tmp_path: Path) -> 
 
 CHILD = textwrap.dedent("""
     import os
+    import signal
     import sys
     import time
+    # A shell starting the test run in the background (``make test &``) hands its children SIGINT
+    # ignored; a user's terminal does not, so the child gets Python's own handler back.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.path.insert(0, {tests!r})
     from conftest import ByteTokenizer
     from test_resume import deep_model
