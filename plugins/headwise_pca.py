@@ -127,10 +127,6 @@ class HeadwisePca(Strategy):
         kinds = [p for p in ("q_proj", "k_proj") if p in self.targets]
         return kinds + ([VALUE_UNIT] if "v_proj" in self.targets else [])
 
-    def _pending(self, run: RunState, layer: int) -> list[tuple[Unit, int]]:
-        plan = run.require_plan()
-        return [(u, plan.rank(u)) for u in run.units_of(self.name, layer) if not u.is_dense(plan.rank(u))]
-
     @hookimpl
     def lowrank_units(self, run: RunState) -> list[Unit]:
         g = run.geometry
@@ -152,7 +148,7 @@ class HeadwisePca(Strategy):
 
     @hookimpl
     def lowrank_collect_layer(self, run: RunState, tap: Tap, layer: int) -> None:
-        for unit, _ in self._pending(run, layer):
+        for unit, _ in run.pending(self.name, layer):
             site = unit.projections[0]  # value states for v+o, the projection's own output for q/k
             tap.watch(self._key(run, layer, site), run.adapter.projection(layer, site),
                       HeadGram(run.geometry.head_dim), where="output")
@@ -170,7 +166,7 @@ class HeadwisePca(Strategy):
 
     @hookimpl
     def lowrank_transform(self, run: RunState, layer: int) -> None:
-        for unit, rank in self._pending(run, layer):
+        for unit, rank in run.pending(self.name, layer):
             site = unit.projections[0]
             values, vectors = value_bases(run.stat(self._key(run, layer, site)).sum)
             if site == "v_proj":

@@ -49,10 +49,6 @@ class ProjectionFactorization(Strategy):
         """The rank-independent factorisation of one dense weight (float64)."""
         raise NotImplementedError
 
-    def _pending(self, run: RunState, layer: int) -> list[tuple[Unit, int]]:
-        plan = run.require_plan()
-        return [(u, plan.rank(u)) for u in run.units_of(self.name, layer) if not u.is_dense(plan.rank(u))]
-
     def _key(self, run: RunState, layer: int, projection: str) -> str:
         assert self.statistic is not None
         return statistic_key(self.statistic, run.adapter.input_site(layer, projection))
@@ -63,7 +59,7 @@ class ProjectionFactorization(Strategy):
 
     @hookimpl
     def lowrank_collect_layer(self, run: RunState, tap: Tap, layer: int) -> None:
-        for unit, _ in self._pending(run, layer):
+        for unit, _ in run.pending(self.name, layer):
             module = run.adapter.projection(layer, unit.projection)
             if self.statistic is not None:
                 tap.watch(self._key(run, layer, unit.projection), module, self.new_statistic())
@@ -105,7 +101,7 @@ class ProjectionFactorization(Strategy):
 
     @hookimpl
     def lowrank_transform(self, run: RunState, layer: int) -> None:
-        for unit, rank in self._pending(run, layer):
+        for unit, rank in run.pending(self.name, layer):
             dense = run.adapter.projection(layer, unit.projection)
             a, b = self._spectrum(run, layer, unit).factors(rank)
             bias = dense.bias.detach() if dense.bias is not None else None

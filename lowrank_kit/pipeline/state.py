@@ -74,6 +74,11 @@ class RunState:
     def units_of(self, transform: str, layer: int) -> list[Unit]:
         return [u for u in self.units if u.transform == transform and u.layer == layer]
 
+    def pending(self, transform: str, layer: int) -> list[tuple[Unit, int]]:
+        """The units of ``transform`` in ``layer`` the plan compresses, with their ranks (dense ones left out)."""
+        plan = self.require_plan()
+        return [(u, plan.rank(u)) for u in self.units_of(transform, layer) if not u.is_dense(plan.rank(u))]
+
     def require_plan(self) -> RankPlan:
         if self.plan is None:
             raise RuntimeError("no rank plan: transforms run after the allocator")
