@@ -112,6 +112,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_speed(args: argparse.Namespace) -> int:
+    from lowrank_kit.harness.speed import REGIMES, run_speed
+
+    regimes = tuple(r for r in REGIMES if not args.regimes or r.kind in args.regimes)
+    run_speed([Path(f) for f in args.folders], Path(args.output), args.repeats, regimes, args.device, args.dtype,
+              not args.no_memory, say=(lambda _: None) if args.quiet else (lambda m: print(m, file=sys.stderr)))
+    print(Path(args.output, "speed.md").read_text())
+    print(f"table, speed.json and speed.png in {args.output}")
+    return 0
+
+
 DESCRIPTION = """Training-free low-rank compression of LLMs from plugin strategies combined by YAML recipes.
 
 examples:
@@ -120,6 +131,7 @@ examples:
   lowrank-kit validate my.yaml                       check a recipe without loading a model
   lowrank-kit plugins                                every strategy and its arguments
   lowrank-kit eval runs/flat-llm-0.2                 perplexity of a saved model
+  lowrank-kit speed runs/flat-llm-0.2                dense vs compressed speed on this machine
 """
 
 
@@ -198,6 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=8192)
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("speed", help="dense vs compressed prefill/decode speed and memory, with the shapes' limits")
+    p.add_argument("folders", nargs="+", help="folders written by compress (each against its own dense model)")
+    p.add_argument("--output", default="runs/speed", help="where speed.md, speed.json and speed.png go")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per regime and model, after a warm-up")
+    p.add_argument("--regimes", nargs="+", choices=["prefill", "decode"], help="measure only these")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast both models (default: as saved)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_speed)
     return parser
 
 
@@ -225,7 +247,7 @@ def _run(args: argparse.Namespace) -> int:
     except RecipeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, NotADirectoryError) as err:
+    except (FileNotFoundError, NotADirectoryError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:

@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import transformers
 from packaging.version import Version
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -29,7 +30,7 @@ TESTED_FROM, TESTED_BELOW = Version("5.23.0"), Version("5.25")
 CACHE_KEYWORDS = ("cache", "past_key_values")
 
 __all__ = ["CACHE_KEYWORDS", "UnsupportedTransformers", "apply_rotary_pos_emb", "attention_function",
-           "cache_in", "cache_keyword", "check_version", "pop_cache", "version_note"]
+           "cache_bytes", "cache_in", "cache_keyword", "check_version", "pop_cache", "version_note"]
 
 
 class UnsupportedTransformers(RuntimeError):
@@ -78,6 +79,19 @@ def pop_cache(kwargs: dict[str, Any]) -> Any:
         value = kwargs.pop(name, None)
         found = value if found is None else found
     return found
+
+
+def cache_bytes(cache: Any) -> int:
+    """Bytes of the keys and values a KV cache holds, whatever its layout (per-layer objects from
+    transformers 4.56 on, lists of tensors before)."""
+    holders = getattr(cache, "layers", None) or [cache]
+    total = 0
+    for holder in holders:
+        for value in vars(holder).values():
+            for tensor in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(tensor, torch.Tensor) and tensor.dim() >= 3:  # [batch, heads, tokens, dim]
+                    total += tensor.numel() * tensor.element_size()
+    return total
 
 
 def attention_function(module: Any) -> Callable[..., tuple[Any, Any]]:
