@@ -45,7 +45,7 @@ from lowrank_kit.extension.keys import (
     projection_score,
     statistic_key,
 )
-from lowrank_kit.extension.strategy import NoArgs, Strategy, StrategyRegistry
+from lowrank_kit.extension.strategy import NoArgs, Strategy, StrategyRegistry, moved_argument
 from lowrank_kit.models.adapters import Geometry, ModelAdapter
 from lowrank_kit.models.attention import ValueDimAttention, shrink_values
 from lowrank_kit.pipeline.state import RunState
@@ -57,7 +57,7 @@ __all__ = [
     "ProjectionFactorization", "RankPlan", "RecipeError", "ResizedLinear", "RunState", "ScoreLevel", "SliceableRank",
     "Spectrum", "SquaredGrad", "Statistic", "Strategy", "StrategyRegistry", "Tap", "Unit", "ValueDimAttention",
     "achieved_ratio", "candidates", "capped_shares", "group_name", "hookimpl", "install_decoder",
-    "largest_meeting_target", "layer_name", "layer_score", "plan_from_fractions", "plan_ranks", "projection_name",
-    "projection_score", "projection_units", "psd_cholesky", "scaled_spectrum", "shrink_values", "statistic_key",
-    "svd_spectrum", "uniform_fraction", "whitened_spectrum",
+    "largest_meeting_target", "layer_name", "layer_score", "moved_argument", "plan_from_fractions", "plan_ranks",
+    "projection_name", "projection_score", "projection_units", "psd_cholesky", "scaled_spectrum", "shrink_values",
+    "statistic_key", "svd_spectrum", "uniform_fraction", "whitened_spectrum",
 ]

@@ -8,7 +8,7 @@ s_p = mean over its elements of sqrt(Σ g² / n_batches).
 Allocator, ``rule: parameters`` (our reading of §3a): the kept parameter budget is split across
 units in proportion to their importance, in parameters (not ranks: shapes differ), each capped
 at its dense size with the excess redistributed, then converted to ranks rounded down to
-``multiple``. ``rule: ranks`` (the same group's earlier code, Palu's rank search): the budget
+``target.multiple``. ``rule: ranks`` (the same group's earlier code, Palu's rank search): the budget
 is split in rank units in proportion to importance, each capped at the unit's full rank.
 Deviation from Palu: its floor-then-hand-out-the-remainder step and its final rounding to 32
 (which leave the achieved ratio wherever they land) are replaced by the same bisection as
@@ -47,6 +47,7 @@ from lowrank_kit.extend import (
     capped_shares,
     hookimpl,
     largest_meeting_target,
+    moved_argument,
     plan_ranks,
     projection_name,
     projection_score,
@@ -85,16 +86,15 @@ class FisherScore(Strategy):
 
 @dataclass
 class FisherAllocatorArgs:
-    multiple: int = field(default=1, metadata={"help": "round ranks down to a multiple of this (8 or 32 on large "
-                                                        "models, for fast kernels)"})
+    multiple: int | None = field(default=None, metadata={"help": "moved to target.multiple (one rounding for "
+                                                                 "every allocator)"})
     rule: Literal["parameters", "ranks", "truncation"] = field(default="ranks", metadata={
         "help": "split the budget in proportion to importance in parameters (ALGORITHMS.md §3a) or in rank units "
                 "(Palu's rank search); or spend it where the Fisher-weighted weight error of truncation is "
                 "smallest per parameter (needs single-projection factorisations: svd, svd_llm, asvd)"})
 
     def check(self, path: str) -> None:
-        if self.multiple < 1:
-            raise RecipeError(f"{path}.multiple", f"must be at least 1, got {self.multiple}")
+        moved_argument(self.multiple, f"{path}.multiple", "target.multiple")
 
 
 def unit_importance(unit: Unit, scores: dict[str, float], geometry: Geometry) -> float:
@@ -106,13 +106,6 @@ def unit_importance(unit: Unit, scores: dict[str, float], geometry: Geometry) ->
         raise ValueError(f"fisher allocation needs per-projection scores (score: fisher); none for {unit.name}")
     sizes = [geometry.dense_params(p) for p in projections]
     return sum(scores[n] * s for n, s in zip(names, sizes, strict=True)) / sum(sizes)
-
-
-def round_rank(unit: Unit, rank: int, multiple: int) -> int:
-    """Round a planned rank down to ``multiple`` (never to 0); ranks that keep the unit dense stay."""
-    if unit.is_dense(rank) or multiple == 1:
-        return rank
-    return max(rank // multiple * multiple, min(multiple, unit.max_rank))
 
 
 class FisherAllocator(Strategy):
@@ -135,11 +128,11 @@ class FisherAllocator(Strategy):
             if not curve.weight_error:
                 raise RecipeError("allocate.rule", f"'truncation' needs weight-space error curves, which transform "
                                                    f"'{u.transform}' does not report; use rule: ranks")
-            options[u.name] = candidates(u, curve.weight_error, score**2, self.args.multiple)
+            options[u.name] = candidates(u, curve.weight_error, score**2)
         total = run.geometry.total_linear_params
         budget = sum(u.dense_params for u in units) - run.target_ratio * total
         plan = RankPlan(ranks=plan_ranks(options, budget), allocator=self.name)
-        plan.notes = {"budget": budget, "rule": self.args.rule, "multiple": self.args.multiple}
+        plan.notes = {"budget": budget, "rule": self.args.rule}
         plan.layer_fractions = plan.fractions_by_layer(units, run.geometry.layers)
         return plan
 
@@ -160,15 +153,14 @@ class FisherAllocator(Strategy):
         def plan_for(budget: float) -> RankPlan:
             kept = capped_shares(importance, caps, budget)
             if by_rank:  # shares are ranks
-                ranks = {u.name: round_rank(u, max(1, int(share)), self.args.multiple)
+                ranks = {u.name: u.round(max(1, int(share)))
                          for u, share in zip(units, kept, strict=True)}
             else:  # shares are parameters
-                ranks = {u.name: round_rank(u, u.rank_for_fraction(share / u.dense_params), self.args.multiple)
+                ranks = {u.name: u.round(u.rank_for_fraction(share / u.dense_params))
                          for u, share in zip(units, kept, strict=True)}
             plan = RankPlan(ranks=ranks, allocator=self.name)
             plan.layer_fractions = plan.fractions_by_layer(units, layers)
-            plan.notes = {"keep_fraction": keep, "budget": budget, "rule": self.args.rule,
-                          "multiple": self.args.multiple}
+            plan.notes = {"keep_fraction": keep, "budget": budget, "rule": self.args.rule}
             return plan
 
         return largest_meeting_target(plan_for, sum(caps), lambda p: achieved_ratio(p, units, total),

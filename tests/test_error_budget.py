@@ -9,11 +9,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ByteTokenizer, tiny_model, tiny_recipe
+from conftest import ByteTokenizer, sample_ids, tiny_model, tiny_recipe
 from lowrank_kit_plugins.error_budget import ErrorBudget, ErrorBudgetArgs
 
 from lowrank_kit import compress
 from lowrank_kit.compressed.plan import ErrorCurve, RankPlan, Unit, achieved_ratio, candidates, plan_ranks
+from lowrank_kit.data.texts import calibration_windows, heldout_windows, load_text, tokenize
 from lowrank_kit.models.adapters import adapter_for
 
 BUDGET = {"score": "output_gradient", "allocate": "error_budget"}
@@ -35,7 +36,7 @@ def fake_run(units: list[Unit], curves: list[ErrorCurve], ratio: float, total: i
                                layers=max(u.layer for u in units) + 1)
     names = {f"layers.{u.layer}.{c.site}" for u, c in zip(units, curves, strict=True)}
     return SimpleNamespace(geometry=geometry, target_ratio=ratio, error_curves={c.unit: c for c in curves},
-                           scores=scores or dict.fromkeys(names, 1.0))
+                           scores=scores or dict.fromkeys(names, 1.0), plan=None, layer_losses={})
 
 
 def loss_of(ranks: dict[str, int], options: dict) -> float:
@@ -49,7 +50,7 @@ def test_greedy_plan_equals_brute_force_on_a_small_case() -> None:
     options = {}
     for u in units:
         dropped = sorted(torch.rand(6, generator=generator).mul(10).tolist(), reverse=True)
-        options[u.name] = candidates(u, curve_of(u, dropped).error, 1.0, 1)
+        options[u.name] = candidates(u, curve_of(u, dropped).error, 1.0)
     for budget in (0, 40, 90, 130, 200, 240):
         ranks = plan_ranks(options, budget)
         assert sum(u.params(ranks[u.name]) for u in units) <= budget
@@ -65,7 +66,7 @@ def test_brute_force_with_unequal_costs_and_a_dense_choice() -> None:
              unit("layers.1.c", 1, rank_cost=5, max_rank=6)]
     dropped = {"layers.0.a": [9, 4, 2, 1, 0.5], "layers.0.b": [3, 3, 2, 2, 1, 1, 0.5, 0.2],
                "layers.1.c": [20, 5, 1, 0.5, 0.2, 0.1]}
-    options = {u.name: candidates(u, curve_of(u, dropped[u.name]).error, 1.0, 1) for u in units}
+    options = {u.name: candidates(u, curve_of(u, dropped[u.name]).error, 1.0) for u in units}
     assert options["layers.0.a"][-1] == (70, 0.0, 5)  # dense: 70 parameters, below 5 · 7 · 2 at rank 5
     exact = 0
     for budget in range(0, 150, 7):
@@ -90,13 +91,13 @@ def test_ratio_from_real_shapes_within_one_percent(ratio: float, multiple: int) 
     for layer in range(6):
         for name, cost, rank in (("q_proj", 192, 96), ("mlp", 288, 256), ("v_proj+o_proj", 480, 16)):
             u = Unit(name=f"layers.{layer}.{name}", layer=layer, projections=(name,), transform="t",
-                     dense_params=cost * rank if name != "q_proj" else 96 * 96, rank_cost=cost, max_rank=rank)
+                     dense_params=cost * rank if name != "q_proj" else 96 * 96, rank_cost=cost, max_rank=rank,
+                     multiple=multiple)
             decay = float(torch.rand((), generator=generator)) * 0.2 + 0.01
             units.append(u)
             curves.append(curve_of(u, [float(torch.exp(torch.tensor(-decay * i))) for i in range(rank)], name))
     total = sum(u.dense_params for u in units) + 50_000  # weights no transform targets
-    plan = ErrorBudget(ErrorBudgetArgs(multiple=multiple)).lowrank_allocate(fake_run(units, curves, ratio, total),
-                                                                             units)
+    plan = ErrorBudget(ErrorBudgetArgs()).lowrank_allocate(fake_run(units, curves, ratio, total), units)
     reached = achieved_ratio(plan, units, total)
     assert ratio <= reached <= ratio + 0.01
     assert all(r % multiple == 0 or u.is_dense(r) for u, r in ((u, plan.rank(u)) for u in units))
@@ -224,3 +225,63 @@ def test_plan_records_what_it_predicts() -> None:
     plan = ErrorBudget(ErrorBudgetArgs()).lowrank_allocate(fake_run([a], [curve_of(a, [1.0] * 8)], 0.25), [a])
     assert isinstance(plan, RankPlan)
     assert plan.notes["predicted_loss"] == pytest.approx(plan.notes["predicted_loss_per_unit"]["layers.0.a"])
+
+
+# Measured refinement (error_budget refine: N)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_next_token_loss_from_the_last_layer_equals_the_model_loss(family: str) -> None:
+    model = tiny_model(family)
+    if family == "gemma3":
+        model.config.final_logit_softcapping = 5.0  # soft-capped logits are part of the loss
+    ids = sample_ids(2, 40)
+    hidden = model.model(input_ids=ids).last_hidden_state
+    with torch.no_grad():
+        expected = model(input_ids=ids, labels=ids).loss
+        assert float(adapter_for(model).next_token_loss(hidden, ids)) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_refinement_measures_each_layer_alone_and_rescales_its_sensitivity(tmp_path: Path) -> None:
+    recipe = tiny_recipe(tmp_path, "svd_llm", 0.4, score="output_gradient")
+    recipe["calibration"]["pipeline"] = "dense_input"  # the compressed layers are the ones the refinement measures
+    first = compress({**recipe, "allocate": "error_budget"}, model=tiny_model("llama"), tokenizer=ByteTokenizer(),
+                     progress=False)
+    refined = compress({**recipe, "allocate": {"plugin": "error_budget", "refine": 1, "refine_windows": 4},
+                        "output": {**recipe["output"], "dir": str(tmp_path / "refined")}},
+                       model=tiny_model("llama"), tokenizer=ByteTokenizer(), progress=False)
+    # The loss of the dense model with only layer l taken from the unrefined compressed model, on
+    # 4 held-out windows of the calibration text, minus the dense loss.
+    dense = tiny_model("llama")
+    batch = heldout_windows(tokenize(ByteTokenizer(), load_text("austen-emma")), ByteTokenizer(), 4, 64, 8, 0)
+    with torch.no_grad():
+        base = float(dense(input_ids=batch, labels=batch).loss)
+        expected = []
+        for index in range(len(dense.model.layers)):
+            original = dense.model.layers[index]
+            dense.model.layers[index] = first.model.model.layers[index]
+            expected.append(float(dense(input_ids=batch, labels=batch).loss) - base)
+            dense.model.layers[index] = original
+    rounds = refined.run.notes["refine"]["rounds"]
+    assert len(rounds) == 1
+    assert rounds[0]["measured_loss_by_layer"] == pytest.approx(expected, abs=2e-6)
+    assert rounds[0]["predicted_loss"] == pytest.approx(first.run.plan.notes["predicted_loss"])
+    predicted = first.run.plan.notes["predicted_loss_per_unit"]
+    factors = refined.run.plan.notes["layer_factors"]
+    for index, measured in enumerate(expected):
+        layer_predicted = sum(v for k, v in predicted.items() if k.startswith(f"layers.{index}."))
+        assert factors[index] == pytest.approx((max(measured, 0) + 1e-3) / (layer_predicted + 1e-3), rel=1e-3)
+    assert refined.report["achieved_ratio"] == pytest.approx(0.4, abs=0.01)
+    assert set(refined.run.notes) >= set(first.run.notes)  # the measurement leaves no notes of its own
+    assert refined.report["timings_s"]["refine plan"] > 0
+
+
+def test_heldout_windows_share_no_token_with_the_calibration_windows() -> None:
+    positions = torch.arange(3000)  # token i is position i
+    calibration = calibration_windows(positions, ByteTokenizer(), 20, 100, seed=3)
+    heldout = heldout_windows(positions, ByteTokenizer(), 6, 100, 20, 3)
+    assert heldout.shape == (6, 100)
+    assert not set(calibration.flatten().tolist()) & set(heldout.flatten().tolist())
+    assert all(bool((row[1:] - row[:-1] == 1).all()) for row in heldout)  # contiguous text
+    with pytest.raises(ValueError, match="room for only"):
+        heldout_windows(positions, ByteTokenizer(), 25, 100, 20, 3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 from pathlib import Path
 from types import SimpleNamespace
@@ -55,11 +56,11 @@ GEOMETRY = Geometry(layers=4, hidden=96, heads=6, kv_heads=2, head_dim=16, inter
 @pytest.mark.parametrize("rule", ["parameters", "ranks"])
 def test_allocator_meets_budget_caps_and_order(ratio: float, multiple: int, rule: str) -> None:
     run = SimpleNamespace(geometry=GEOMETRY, name="x", targets=PROJECTIONS)
-    units = projection_units(run, "svd_llm", PROJECTIONS)
+    units = [dataclasses.replace(u, multiple=multiple) for u in projection_units(run, "svd_llm", PROJECTIONS)]
     generator = torch.Generator().manual_seed(1)
     scores = {u.name: float(torch.rand((), generator=generator)) + 0.05 for u in units}
     scores["layers.2.gate_proj"] = 50.0  # far more important than the rest: kept whole (capped)
-    allocator = FisherAllocator(FisherAllocatorArgs(multiple=multiple, rule=rule))
+    allocator = FisherAllocator(FisherAllocatorArgs(rule=rule))
     plan = allocator.lowrank_allocate(fake_run(scores, ratio, GEOMETRY), units)
     achieved = achieved_ratio(plan, units, GEOMETRY.total_linear_params)
     assert ratio <= achieved < ratio + 0.01

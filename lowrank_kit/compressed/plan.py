@@ -19,7 +19,10 @@ class Unit:
     """One compressible group of modules, as reported by a transform.
 
     ``rank_cost`` parameters are kept per unit of rank; keeping ``max_rank`` (or anything whose
-    cost reaches ``dense_params``) means the modules stay dense and untouched.
+    cost reaches ``dense_params``) means the modules stay dense and untouched. ``multiple`` is
+    the recipe's ``target.multiple`` (the engine sets it on every unit): every rank an allocator
+    plans is a multiple of it or keeps the unit dense, so kernels see friendly shapes whichever
+    allocator planned them.
     """
 
     name: str  # e.g. "layers.3.q_proj" (``extension.keys`` builds these)
@@ -29,6 +32,7 @@ class Unit:
     dense_params: int
     rank_cost: int
     max_rank: int
+    multiple: int = 1
 
     @property
     def kind(self) -> str:
@@ -57,7 +61,19 @@ class Unit:
         if fraction >= 1.0:
             return self.max_rank
         rank = math.floor(max(fraction, 0.0) * self.dense_params / self.rank_cost + 1e-9)
-        return min(rank, self.max_rank)
+        rank = min(rank, self.max_rank)
+        return rank if self.is_dense(rank) else rank // self.multiple * self.multiple
+
+    def round(self, rank: int) -> int:
+        """``rank`` rounded down to a multiple of ``multiple``; a rank that keeps the unit dense
+        stays, and a positive rank never becomes 0 (it becomes ``multiple``, or dense if that is)."""
+        if rank == 0 or self.is_dense(rank) or self.multiple == 1:
+            return rank
+        return max(rank // self.multiple * self.multiple, min(self.multiple, self.max_rank))
+
+    def plannable_ranks(self) -> list[int]:
+        """Every rank a plan may give: the multiples of ``multiple`` that compress, then dense."""
+        return [r for r in range(0, self.max_rank, self.multiple) if not self.is_dense(r)] + [self.max_rank]
 
 
 @dataclass(frozen=True)
@@ -200,18 +216,16 @@ def largest_meeting_target(plan_for: Any, high: float, ratio_of: Any, target: fl
 Point = tuple[int, float, int]  # (parameters kept, predicted loss, rank)
 
 
-def candidates(unit: Unit, error: Sequence[float], sensitivity: float, multiple: int) -> list[Point]:
+def candidates(unit: Unit, error: Sequence[float], sensitivity: float) -> list[Point]:
     """The unit's (parameters, predicted loss, rank) choices, by increasing parameters.
 
     ``error[r]`` is the unit's error at rank r (an ``ErrorCurve``'s), ``sensitivity`` converts it
-    into loss; ranks are multiples of ``multiple`` below the dense break-even, plus staying dense.
+    into loss; the ranks are the unit's ``plannable_ranks`` (multiples of ``target.multiple``
+    below the dense break-even, plus staying dense).
     """
     if len(error) != unit.max_rank + 1:
         raise ValueError(f"error curve of {unit.name} has {len(error)} points, expected {unit.max_rank + 1}")
-    points = [(unit.params(r), sensitivity * error[r], r)
-              for r in range(0, unit.max_rank, multiple) if not unit.is_dense(r)]
-    points.append((unit.dense_params, 0.0, unit.max_rank))
-    return points
+    return [(unit.params(r), sensitivity * error[r] if r < unit.max_rank else 0.0, r) for r in unit.plannable_ranks()]
 
 
 def lower_hull(points: list[Point]) -> list[Point]:

@@ -157,32 +157,3 @@ def load(model: nn.Module, path: Path) -> None:
         else:
             setattr(owner, attr, nn.Parameter(tensor, requires_grad=False))
     model.tie_weights()
-
-
-@torch.no_grad()
-def speed(models: dict[str, nn.Module], window: torch.Tensor, new_tokens: int = 32, repeats: int = 3
-          ) -> dict[str, dict[str, float]]:
-    """Prefill tokens/s of one window and greedy-generation tokens/s of ``new_tokens`` after its first
-    128 tokens, for each model: medians of ``repeats`` runs interleaved model by model, so machine
-    load affects all alike (numbers for comparing these models within one run, not absolute)."""
-    import time
-
-    prompt = window[:, :128]
-    timings: dict[str, dict[str, list[float]]] = {name: {"prefill": [], "generate": []} for name in models}
-    for _ in range(repeats + 1):  # the first round warms up and is dropped
-        for name, model in models.items():
-            start = time.perf_counter()
-            model(input_ids=window, use_cache=False)
-            prefill = time.perf_counter() - start
-            start = time.perf_counter()
-            model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                           pad_token_id=0)
-            generate = time.perf_counter() - start
-            timings[name]["prefill"].append(prefill)
-            timings[name]["generate"].append(generate)
-    out = {}
-    for name, runs in timings.items():
-        prefill, generate = sorted(runs["prefill"][1:]), sorted(runs["generate"][1:])
-        out[name] = {"prefill_tok_s": window.numel() / prefill[len(prefill) // 2],
-                     "generate_tok_s": new_tokens * window.shape[0] / generate[len(generate) // 2]}
-    return out

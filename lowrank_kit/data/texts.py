@@ -147,9 +147,37 @@ def calibration_windows(ids: torch.Tensor, tokenizer: Any, samples: int, seq_len
         warnings.warn(f"calibration asks for {samples:,} windows of {seq_len} tokens but the text has only "
                       f"{ids.numel():,} tokens: the windows overlap, so the calibration data repeats itself",
                       stacklevel=2)
+    rows = [torch.cat([torch.tensor(bos, dtype=torch.long), ids[s : s + length]])
+            for s in _starts(ids.numel(), length, samples, seed)]
+    return torch.stack(rows)
+
+
+def _starts(tokens: int, length: int, samples: int, seed: int) -> list[int]:
     generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - length, (samples,), generator=generator)
-    rows = [torch.cat([torch.tensor(bos, dtype=torch.long), ids[s : s + length]]) for s in starts.tolist()]
+    return torch.randint(0, tokens - length, (samples,), generator=generator).tolist()
+
+
+def heldout_windows(ids: torch.Tensor, tokenizer: Any, count: int, seq_len: int, samples: int, seed: int,
+                    needs_bos: bool = False) -> torch.Tensor:
+    """``count`` windows of the calibration text that share no token with the ``samples`` windows
+    ``calibration_windows`` draws with ``seed``: consecutive windows from the end of the text
+    backwards, skipping any that would overlap one. For measuring a plan on data it was not fitted to."""
+    bos = _bos(tokenizer, needs_bos)
+    length = seq_len - len(bos)
+    taken = [(s, s + length) for s in _starts(ids.numel(), length, samples, seed)] if ids.numel() > length else []
+    rows: list[torch.Tensor] = []
+    end = ids.numel()
+    while len(rows) < count and end >= length:
+        start = end - length
+        clash = [a for a, b in taken if a < end and start < b]
+        if clash:
+            end = min(clash)
+            continue
+        rows.append(torch.cat([torch.tensor(bos, dtype=torch.long), ids[start:end]]))
+        end = start
+    if len(rows) < count:
+        raise ValueError(f"the calibration text has room for only {len(rows)} windows of {seq_len} tokens outside "
+                         f"its {samples} calibration windows, {count} asked")
     return torch.stack(rows)
 
 

@@ -18,6 +18,13 @@ HookPoint = Literal["collect", "score", "allocate", "transform", "decode"]
 HOOK_POINTS: tuple[str, ...] = ("collect", "score", "allocate", "transform", "decode")
 
 
+def moved_argument(value: object, path: str, where: str) -> None:
+    """Reject an argument that moved elsewhere in the recipe, saying where (None: not given)."""
+    if value is not None:
+        raise RecipeError(path, f"moved to {where}, which applies to every allocator; write "
+                                f"{where}: {value} instead")
+
+
 @dataclasses.dataclass
 class NoArgs:
     """For strategies without arguments."""
@@ -44,6 +51,11 @@ class Strategy:
     # Allocators that plan from the transforms' truncation-error curves (``run.error_curves``):
     # the engine runs the error-curve pass over the dense model before allocating.
     needs_error_curves: ClassVar[bool] = False
+    # Allocators that refine their plan by measurement: after each plan the engine measures every
+    # decoder layer's loss increase when it alone is compressed at that plan (``run.layer_losses``,
+    # on the first ``refine_windows`` calibration windows) and asks for a plan again, this many times.
+    refine_rounds: ClassVar[int] = 0
+    refine_windows: ClassVar[int] = 4
 
     def __init__(self, args: Any = None, targets: Iterable[str] = ()):
         self.args = args if args is not None else self.Args()

@@ -159,9 +159,11 @@ def _ids(model: nn.Module, batch: int, tokens: int) -> torch.Tensor:
     return torch.randint(100, min(vocab, 20_000), (batch, tokens), generator=generator)
 
 
-def timer(model: nn.Module, regime: Regime, device: torch.device) -> Callable[[], float]:
-    """A call that runs the regime once on ``model`` and returns its seconds (decode: steps only)."""
-    ids = _ids(model, regime.batch, regime.tokens).to(device)
+def timer(model: nn.Module, regime: Regime, device: torch.device, ids: torch.Tensor | None = None
+          ) -> Callable[[], float]:
+    """A call that runs the regime once on ``model`` and returns its seconds (decode: steps only);
+    on ``ids`` when given (of the regime's shape), else on seeded random tokens."""
+    ids = (_ids(model, regime.batch, regime.tokens) if ids is None else ids).to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     @torch.no_grad()
@@ -195,6 +197,20 @@ def interleaved(calls: dict[str, Callable[[], float]], repeats: int, warmup: int
             if round_ >= warmup:
                 times[name].append(seconds)
     return times
+
+
+def quick_compare(models: dict[str, nn.Module], window: torch.Tensor, steps: int = 32, repeats: int = 3
+                  ) -> dict[str, dict[str, float]]:
+    """Prefill tokens/s of ``window`` and decode tokens/s of ``steps`` steps after its first 128
+    tokens, per model, medians of interleaved repeats: a report's quick before/after check (the
+    int8 report), not the benchmark."""
+    prefill = Regime("prefill", window.shape[0], window.shape[1])
+    decode = Regime("decode", window.shape[0], min(128, window.shape[1]), steps)
+    p = interleaved({n: timer(m, prefill, window.device, window) for n, m in models.items()}, repeats)
+    d = interleaved({n: timer(m, decode, window.device, window[:, : decode.tokens]) for n, m in models.items()},
+                    repeats)
+    return {n: {"prefill_tok_s": prefill.timed_tokens / statistics.median(p[n]),
+                "decode_tok_s": decode.timed_tokens / statistics.median(d[n])} for n in models}
 
 
 # --- Memory (a fresh process per model on a CPU) ---------------------------------------------

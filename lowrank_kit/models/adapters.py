@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import nn
 
 from lowrank_kit.extension.keys import ATTENTION_PROJECTIONS, PROJECTIONS, site_name
@@ -72,6 +73,16 @@ class ModelAdapter:
     @property
     def layers(self) -> nn.ModuleList:
         return self.decoder.layers
+
+    def next_token_loss(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """The mean next-token loss from the last decoder layer's output (final norm, vocabulary
+        head, the logit soft-cap of families that have one), as ``model(labels=...)`` computes it;
+        lets a pass measure the loss from a layer's replayed output without a whole forward."""
+        logits = self.model.get_output_embeddings()(self.decoder.norm(hidden)).float()
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten())
 
     def _parent(self, layer: int, projection: str) -> nn.Module:
         block = self.layers[layer]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import time
 import warnings
@@ -27,9 +28,17 @@ from lightning.fabric import Fabric
 
 from lowrank_kit.compressed import quantization
 from lowrank_kit.compressed.plan import ErrorCurve
-from lowrank_kit.data.texts import calibration_windows, is_json, load_text, tokenize, window_counts
+from lowrank_kit.data.texts import (
+    calibration_windows,
+    heldout_windows,
+    is_json,
+    load_text,
+    tokenize,
+    window_counts,
+)
 from lowrank_kit.evaluation.metrics import DECODE_INDEPENDENT, evaluate
 from lowrank_kit.extension.manager import run_manager
+from lowrank_kit.harness.speed import quick_compare
 from lowrank_kit.models.adapters import adapter_for
 from lowrank_kit.models.loading import load_model
 from lowrank_kit.persistence import saving as io
@@ -37,7 +46,7 @@ from lowrank_kit.persistence.checkpoint import Checkpoints
 from lowrank_kit.pipeline.cache import Cache, DenseStore, fingerprint
 from lowrank_kit.pipeline.callbacks import Callback, ProgressBar
 from lowrank_kit.pipeline.errors import annotate, describe, interrupted, write_log
-from lowrank_kit.pipeline.passes import LAYER_PASSES, ErrorCurvePass, PassContext, ScoringPass
+from lowrank_kit.pipeline.passes import LAYER_PASSES, ErrorCurvePass, LayerLossPass, PassContext, ScoringPass
 from lowrank_kit.pipeline.state import RunState
 from lowrank_kit.recipe.schema import RecipeError, to_dict
 from lowrank_kit.recipe.spec import Recipe
@@ -142,7 +151,9 @@ class Engine:
                 self._calibration_data(run)
             with self.phase("evaluate dense"):
                 evaluations["dense"] = self._dense_evaluations(run)
-            run.units = [u for units in pm.hook.lowrank_units(run=run) for u in units]
+            multiple = self.recipe.target.multiple  # one rounding for every allocator (Unit.multiple)
+            run.units = [dataclasses.replace(u, multiple=multiple) for units in pm.hook.lowrank_units(run=run)
+                         for u in units]
             if self.recipe.score:
                 with self.phase("score"):
                     self._scores(run, pm)
@@ -151,6 +162,10 @@ class Engine:
                     self._error_curves(run, pm)
             with self.phase("allocate"):
                 self._allocate(run, pm)
+            allocator = next((s for s in pm.get_plugins() if getattr(s, "point", None) == "allocate"), None)
+            if getattr(allocator, "refine_rounds", 0):
+                with self.phase("refine plan"):
+                    self._refine(run, pm, allocator)
             with self.phase("compress"):
                 self._compress(run, pm)
             if self.recipe.quantize.weights != "none":
@@ -253,6 +268,33 @@ class Engine:
             warnings.warn(f"target ratio {run.recipe.target.ratio:g} leaves {len(zero)} of {len(run.units)} units at "
                           f"rank 0 (their modules output zeros), e.g. {', '.join(zero[:3])}", stacklevel=2)
 
+    def _refine(self, run: RunState, pm: pluggy.PluginManager, allocator: Any) -> None:
+        """Measure every layer's loss at the plan, plan again; ``refine_rounds`` times."""
+        run.store, run.store_base = self.store, json.dumps(self._data_key(run), sort_keys=True, default=str)
+        windows = self._heldout(run, allocator.refine_windows)
+        rounds = []
+        for _ in range(allocator.refine_rounds):
+            run.layer_losses = LayerLossPass(self._context(run, pm), windows).run()
+            rounds.append({"measured_loss_by_layer": [round(run.layer_losses[i], 6) for i in sorted(run.layer_losses)],
+                           "predicted_loss": run.require_plan().notes.get("predicted_loss")})
+            self._allocate(run, pm)
+        run.notes["refine"] = {"windows": allocator.refine_windows, "rounds": rounds}
+
+    def _heldout(self, run: RunState, count: int) -> torch.Tensor:
+        """This process's share of ``count`` windows of the first calibration text that overlap none
+        of its calibration windows (a refining allocator measures on data the transforms did not fit)."""
+        calibration = run.recipe.calibration
+        sources = calibration.sources()
+        first = window_counts([s.weight for s in sources], calibration.samples)[0]
+        ids = tokenize(run.tokenizer, _read_text(sources[0].dataset, "calibration", calibration.text_field))
+        try:
+            windows = heldout_windows(ids, run.tokenizer, count, calibration.seq_len, first, calibration.seed,
+                                      run.adapter.needs_bos)
+        except ValueError as err:
+            raise RecipeError("allocate.refine_windows",
+                              f"{err}; ask for fewer or calibrate on a longer text") from None
+        return windows[run.fabric.global_rank :: run.fabric.world_size]
+
     def _compress(self, run: RunState, pm: pluggy.PluginManager) -> None:
         """The recipe's layer pass (``calibration.pipeline``) over every decoder layer."""
         run.store, run.store_base = self.store, json.dumps(self._data_key(run), sort_keys=True, default=str)
@@ -274,7 +316,7 @@ class Engine:
         facts = quantization.quantize(run.model, run.adapter.layers, spec.weights)
         if before is not None:
             window = run.calibration[:1].to(run.fabric.device)
-            facts["speed"] = quantization.speed({"before": before, "after": run.model}, window)
+            facts["speed"] = quick_compare({"before": before, "after": run.model}, window)
             first = next((i for i, e in enumerate(run.recipe.evaluate) if e.metric == "perplexity"), None)
             if first is not None:
                 spec_ppl, dense = run.recipe.evaluate[first], dense_rows[first]

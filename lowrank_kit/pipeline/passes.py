@@ -8,6 +8,8 @@
   activations (SVD-LLM's and ASVD's whitening); a bench shares them across ratios and recipes.
 - ``ErrorCurvePass``: before allocating, for allocators that plan from truncation errors:
   layer by layer on the dense model, every unit's error at every rank (nothing transformed).
+- ``LayerLossPass``: between allocations, for allocators that refine their plan by
+  measurement: the loss increase of each decoder layer compressed alone at the current plan.
 
 Both layer passes share one loop (``LayerPass.run``: collect → gather → transform → drop →
 checkpoint, with ``on_layer_start``/``on_layer_end`` around each layer) and differ only in
@@ -19,6 +21,7 @@ subclass with a ``gather`` and a line in ``LAYER_PASSES`` (and the recipe's ``pi
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
@@ -281,6 +284,77 @@ class ErrorCurvePass(LayerPass):
                     run.stats.pop(key, None)
         finally:
             run.plan, run.planning, run.dense_statistics = plan, False, dense_statistics
+
+
+class LayerLossPass(LayerPass):
+    """The measured loss increase of compressing each decoder layer alone at the current plan.
+
+    Layer by layer on the dense model like ``ErrorCurvePass``: the layer's statistics are taken
+    on the calibration batches' dense inputs, its units are transformed at the plan's ranks,
+    ``windows`` (held-out windows of the calibration text) run from the compressed layer
+    through the dense layers after it to the loss, and the dense layer is put back before both
+    sets of activations move on, dense. Costs the transforms' work once (as a dense-input
+    compress) plus about L/2 forwards of the measured windows. The run's notes are restored,
+    so the report describes only the real pass.
+    """
+
+    name = "layer_loss"
+    dense_statistics = True
+
+    def __init__(self, ctx: PassContext, windows: torch.Tensor):
+        super().__init__(ctx)
+        size = ctx.run.recipe.calibration.batch_size
+        self.ids = [windows[i : i + size].to(ctx.run.fabric.device) for i in range(0, len(windows), size)]
+
+    def _loss(self, start: int, hidden: list[torch.Tensor], measured: list[LayerInputs]) -> float:
+        """Mean loss of the measured windows whose layer-``start`` outputs are ``hidden``."""
+        run = self.ctx.run
+        total = torch.zeros(2, dtype=torch.float64)
+        for item, h, batch in zip(measured, hidden, self.ids, strict=True):
+            for later in range(start + 1, len(run.adapter.layers)):
+                h = self.forward_layer(later, LayerInputs(h, item.kwargs))
+            with run.fabric.autocast():
+                loss = run.adapter.next_token_loss(h.to(run.fabric.device), batch)
+            total += torch.tensor([float(loss) * len(batch), len(batch)], dtype=torch.float64)
+        reduce = self.ctx.reduce()
+        total = reduce(total.to(run.fabric.device)).cpu() if reduce else total
+        return float(total[0] / total[1])
+
+    @torch.no_grad()
+    def run(self) -> dict[int, float]:  # type: ignore[override]
+        ctx, run = self.ctx, self.ctx.run
+        notes, dense_statistics = copy.deepcopy(run.notes), run.dense_statistics
+        run.dense_statistics = True
+        measured_inputs = [capture(run.model, run.adapter.layers, batch) for batch in self.ids]
+        for item in measured_inputs:
+            item.hidden = item.hidden.cpu()
+        base = self._loss(-1, [item.hidden for item in measured_inputs], measured_inputs)
+        losses: dict[int, float] = {}
+        try:
+            layers = len(run.adapter.layers)
+            for index in ctx.progress(range(layers), layers, "refine plan (measured layer loss)"):
+                tap = self.collect(index)
+                if self.inputs is None:
+                    self.inputs = self.capture_inputs(tap)
+                for item in self.inputs:
+                    item.hidden = self.forward_layer(index, item).cpu()
+                gathered = tap.close(ctx.reduce())
+                _check_finite(run, index, gathered)
+                run.stats.update(gathered)
+                dense_layer = copy.deepcopy(run.adapter.layers[index])
+                try:
+                    ctx.pm.hook.lowrank_transform(run=run, layer=index)
+                    compressed = [self.forward_layer(index, item) for item in measured_inputs]
+                    losses[index] = self._loss(index, compressed, measured_inputs) - base
+                finally:
+                    run.adapter.layers[index] = dense_layer
+                for key in gathered:
+                    run.stats.pop(key, None)
+                for item in measured_inputs:
+                    item.hidden = self.forward_layer(index, item).cpu()
+        finally:
+            run.notes, run.dense_statistics = notes, dense_statistics
+        return losses
 
 
 # calibration.pipeline → the layer pass it names (recipe.spec's DataSpec lists the same names).

@@ -38,6 +38,7 @@ class RunState:
     units: list[Unit] = field(default_factory=list)
     plan: RankPlan | None = None
     error_curves: dict[str, ErrorCurve] = field(default_factory=dict)  # by unit name, when the allocator needs them
+    layer_losses: dict[int, float] = field(default_factory=dict)  # measured at run.plan, for refining allocators
     planning: bool = False  # during the error-curve pass: transforms collect for every unit
     notes: dict[str, Any] = field(default_factory=dict)  # per-strategy facts for the report
     store: DenseStore | None = None  # results shared with other runs of this process (a bench)

@@ -94,12 +94,16 @@ MAX_CALIBRATION_TOKENS = 100_000_000
 @dataclass
 class TargetSpec:
     ratio: float = _help("fraction of decoder-layer linear weights to remove, in (0, 1)")
+    multiple: int = _help("every planned rank, value dim and MLP width is a multiple of this (or the module "
+                          "stays dense), whichever allocator plans: 8 on CPUs, 32 or 64 on GPUs", default=1)
 
     def check(self, path: str) -> None:
         if not 0.0 < self.ratio < 1.0:
             raise RecipeError(
                 join(path, "ratio"), f"must lie strictly between 0 and 1 (e.g. 0.2), got {self.ratio}"
             )
+        if self.multiple < 1:
+            raise RecipeError(join(path, "multiple"), f"must be at least 1, got {self.multiple}")
 
 
 @dataclass

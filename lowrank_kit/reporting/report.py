@@ -157,9 +157,11 @@ def _quantization_lines(facts: dict[str, Any] | None, rep: dict[str, Any]) -> li
             after = next((r["compressed"] for r in rep["evaluation"] if r["metric"] == "perplexity"), None)
             lines.append(f"| perplexity ({facts['perplexity']['dataset']}) | {facts['perplexity']['before']:.3f} | "
                          + (f"{after:.3f} |" if after is not None else "– |"))
-        for key, label in (("prefill_tok_s", "prefill tok/s (1×512)"), ("generate_tok_s", "generate tok/s (32)")):
+        for key, label in (("prefill_tok_s", "prefill tok/s (1×512)"), ("decode_tok_s", "decode tok/s (32 steps)")):
             if "speed" in facts:
-                lines.append(f"| {label} | {facts['speed']['before'][key]:.1f} | {facts['speed']['after'][key]:.1f} |")
+                before, after = facts["speed"]["before"], facts["speed"]["after"]
+                if key in before:  # reports before this version timed whole generations instead
+                    lines.append(f"| {label} | {before[key]:.1f} | {after[key]:.1f} |")
     return lines
 
 
