@@ -24,6 +24,13 @@ theirs at the planned ranks); the plan itself is a sort of all hull segments (mi
 Curves are taken on the dense model's activations even under ``calibration.pipeline:
 sequential``, where the transforms later see compressed predecessors: the plan predicts from the
 dense model, as every allocator here does.
+
+``refine: N`` corrects the sensitivities by measurement, N times: the engine compresses each
+decoder layer alone at the plan (the rest dense), measures the loss increase on held-out windows
+of the calibration text (``refine_windows``, overlapping no calibration window: on the windows
+the transforms were fitted to the increases come out several times smaller and mostly noise),
+and every sensitivity of that layer is multiplied by (measured + noise) / (predicted + noise)
+before the next plan. Each round costs about one compress plus L/2 forwards of those windows.
 """
 
 from __future__ import annotations
@@ -56,10 +63,10 @@ class ErrorBudgetArgs:
                                                                  "every allocator)"})
     refine: int = field(default=0, metadata={
         "help": "rounds of measured refinement: compress each decoder layer alone at the plan, measure its loss "
-                "increase on calibration windows, rescale that layer's sensitivities by measured / predicted, "
-                "plan again (each round costs about one compress)"})
-    refine_windows: int = field(default=4, metadata={"help": "calibration windows the refinement measures on "
-                                                             "(rounded up to whole batches)"})
+                "increase on held-out windows of the calibration text, rescale that layer's sensitivities by "
+                "measured / predicted, plan again (each round costs about one compress)"})
+    refine_windows: int = field(default=4, metadata={"help": "held-out windows (of calibration.seq_len tokens, "
+                                                             "overlapping no calibration window) it measures on"})
 
     def check(self, path: str) -> None:
         moved_argument(self.multiple, f"{path}.multiple", "target.multiple")
