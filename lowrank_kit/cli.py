@@ -268,6 +268,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def entry(argv: Any = None) -> None:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if "speed" in args[:1] and "OMP_WAIT_POLICY" not in os.environ and Path(sys.argv[0]).is_file():
+        # OpenMP reads its wait policy when torch loads, before any command runs: start again with
+        # it set, so idle threads sleep instead of spinning on cores the two models share.
+        os.execve(sys.executable, [sys.executable, sys.argv[0], *args], {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
     sys.exit(main(argv))
 
 

@@ -275,6 +275,7 @@ def measure(folder: Path, dense: nn.Module, regimes: tuple[Regime, ...], repeats
         "folder": str(folder), "recipe": report["name"], "achieved_ratio": report["achieved_ratio"],
         "device": str(device), "dtype": dtype or str(next(compressed.parameters()).dtype).removeprefix("torch."),
         "repeats": repeats, "threads": torch.get_num_threads(), "rows": rows,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),  # read by OpenMP when torch loaded
         "kv_cache_model_mb": {k: s.kv_bytes(1, MEMORY_TOKENS) / 2**20 for k, s in shapes.items()},
     }
     if memory_check:
@@ -288,7 +289,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
     lines = []
     for r in results:
         lines += [f"### {r['recipe']} (achieved ratio {r['achieved_ratio']:.4f}; {r['device']}, {r['dtype']}, "
-                  f"{r['threads']} threads, {r['repeats']} interleaved repeats after a warm-up)", "",
+                  f"{r['threads']} threads, OMP_WAIT_POLICY {r.get('omp_wait_policy', 'unset')}, "
+                  f"{r['repeats']} interleaved repeats after a warm-up)", "",
                   "| regime | dense tok/s | compressed tok/s | dense median / min s | compressed median / min s "
                   "| speed-up S | limit L | (S−1)/(L−1) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for row in r["rows"]:
@@ -345,7 +347,6 @@ def run_speed(folders: list[Path], output: Path, repeats: int = 5, regimes: tupl
               device: str = "cpu", dtype: str | None = None, memory_check: bool = True,
               say: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Measure every folder against its dense model; write speed.md, speed.json and speed.png in ``output``."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # only reaches OpenMP if set before torch starts it
     for folder in folders:
         if not (folder / "report.json").is_file():
             raise FileNotFoundError(f"'{folder}' is not a folder written by lowrank-kit compress (no report.json)")
