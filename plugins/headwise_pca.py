@@ -143,7 +143,7 @@ class HeadwisePca(Strategy):
                     out, inp = g.dense_shape(kind)
                     units.append(Unit(name=projection_name(i, kind), layer=i, projections=(kind,),
                                       transform=self.name, dense_params=out * inp,
-                                      rank_cost=count * (inp + g.head_dim), max_rank=g.head_dim))
+                                      rank_cost=count * (inp + g.head_dim), max_rank=g.head_dim, factorised=True))
         return units
 
     @hookimpl

@@ -104,3 +104,28 @@ def test_round_keeps_dense_and_never_reaches_zero() -> None:
     assert [u.round(r) for r in (0, 3, 8, 15, 31, 32, 64)] == [0, 8, 8, 8, 24, 32, 64]
     assert u.plannable_ranks() == [0, 8, 16, 24, 64]  # 32 × 128 = the dense size: kept dense instead
     assert u.rank_for_fraction(0.3) == 8  # floor(0.3 · 4096 / 128) = 9 → 8
+
+
+def test_break_even_keeps_factorised_units_dense_and_the_ratio_honest(tmp_path) -> None:
+    """target.break_even: a factorisation keeping that share of its parameters or more stays dense,
+    its parameters count as dense, and the allocator cuts elsewhere to meet the target."""
+    from conftest import ByteTokenizer, tiny_model, tiny_recipe
+
+    from lowrank_kit import compress
+
+    recipe = tiny_recipe(tmp_path, "svd_llm", 0.3, target={"ratio": 0.3, "break_even": 0.8},
+                         score="fisher", allocate="fisher")
+    result = compress(recipe, model=tiny_model("llama"), tokenizer=ByteTokenizer(), progress=False)
+    units = {u.name: u for u in result.run.units}
+    for m in result.report["modules"]:
+        share = m["rank"] * units[m["unit"]].rank_cost / m["params_dense"]
+        assert m["dense"] == (share >= 0.8 or m["rank"] >= m["max_rank"]), m
+        assert m["params_kept"] == (m["params_dense"] if m["dense"] else m["rank"] * units[m["unit"]].rank_cost)
+    assert 0.3 <= result.report["achieved_ratio"] <= 0.31
+    kept_dense_by_break_even = 0
+    for m in result.report["modules"]:
+        _, layer, projection = m["unit"].split(".")
+        module = result.run.adapter.projection(int(layer), projection)
+        assert type(module).__name__ == ("Linear" if m["dense"] else "LowRankLinear"), m
+        kept_dense_by_break_even += m["dense"] and m["rank"] < m["max_rank"]
+    assert kept_dense_by_break_even  # the case this test is about happened

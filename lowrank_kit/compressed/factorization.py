@@ -33,7 +33,7 @@ def projection_units(run: RunState, transform: str, targets: tuple[str, ...]) ->
             out, inp = geometry.dense_shape(projection)
             units.append(Unit(name=projection_name(layer, projection), layer=layer, projections=(projection,),
                               transform=transform, dense_params=out * inp, rank_cost=out + inp,
-                              max_rank=min(out, inp)))
+                              max_rank=min(out, inp), factorised=True))
     return units
 
 

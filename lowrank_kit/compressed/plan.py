@@ -33,6 +33,12 @@ class Unit:
     rank_cost: int
     max_rank: int
     multiple: int = 1
+    # Whether the compressed unit runs two matmuls in a row (a factorisation) rather than one
+    # smaller one (pruned channels): only then does ``break_even`` apply.
+    factorised: bool = False
+    # Share of the dense parameters at which a factorised unit stops being faster than dense and
+    # stays dense instead (the recipe's ``target.break_even``; 1: where it stops saving parameters).
+    break_even: float = 1.0
 
     @property
     def kind(self) -> str:
@@ -47,7 +53,8 @@ class Unit:
         return self.projections[0]
 
     def is_dense(self, rank: int) -> bool:
-        return rank >= self.max_rank or rank * self.rank_cost >= self.dense_params
+        limit = self.dense_params * (self.break_even if self.factorised else 1.0)
+        return rank >= self.max_rank or rank * self.rank_cost >= limit
 
     def params(self, rank: int) -> int:
         """Parameters kept at ``rank`` (dense size when the rank saves nothing)."""

@@ -151,9 +151,9 @@ class Engine:
                 self._calibration_data(run)
             with self.phase("evaluate dense"):
                 evaluations["dense"] = self._dense_evaluations(run)
-            multiple = self.recipe.target.multiple  # one rounding for every allocator (Unit.multiple)
-            run.units = [dataclasses.replace(u, multiple=multiple) for units in pm.hook.lowrank_units(run=run)
-                         for u in units]
+            target = self.recipe.target  # one rounding and one break-even for every allocator (Unit)
+            run.units = [dataclasses.replace(u, multiple=target.multiple, break_even=target.break_even)
+                         for units in pm.hook.lowrank_units(run=run) for u in units]
             if self.recipe.score:
                 with self.phase("score"):
                     self._scores(run, pm)

@@ -96,6 +96,10 @@ class TargetSpec:
     ratio: float = _help("fraction of decoder-layer linear weights to remove, in (0, 1)")
     multiple: int = _help("every planned rank, value dim and MLP width is a multiple of this (or the module "
                           "stays dense), whichever allocator plans: 8 on CPUs, 32 or 64 on GPUs", default=1)
+    break_even: float = _help("a factorised module (two matmuls) keeping this share of its dense parameters or "
+                              "more stays dense instead; 1: only when it saves nothing. On a CPU the two matmuls "
+                              "already run slower than dense from about 0.7 of the parameters "
+                              "(benchmarks/rank_multiples.py)", default=1.0)
 
     def check(self, path: str) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -104,6 +108,8 @@ class TargetSpec:
             )
         if self.multiple < 1:
             raise RecipeError(join(path, "multiple"), f"must be at least 1, got {self.multiple}")
+        if not 0.0 < self.break_even <= 1.0:
+            raise RecipeError(join(path, "break_even"), f"must lie in (0, 1], got {self.break_even}")
 
 
 @dataclass
