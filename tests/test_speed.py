@@ -42,7 +42,7 @@ def test_kv_cache_model_equals_the_cache_a_forward_builds(tmp_path: Path, family
                          progress=False).model
     ids = sample_ids(2, 20)
     with torch.no_grad():
-        cache = model(input_ids=ids, use_cache=True).past_key_values
+        cache = hf_compat.output_cache(model(input_ids=ids, use_cache=True))
     shapes = Shapes.of(model)
     assert hf_compat.cache_bytes(cache) == shapes.kv_bytes(2, 20)
     if plugin:  # the value heads are narrower than the key heads, and the cache shows it

@@ -235,7 +235,7 @@ def memory(which: str, dtype: str | None, device: str, tokens: int = MEMORY_TOKE
     model = _load(which, dtype, device)
     ids = _ids(model, 1, tokens).to(device)
     out = model(input_ids=ids, use_cache=True)
-    kv = hf_compat.cache_bytes(out.past_key_values)
+    kv = hf_compat.cache_bytes(hf_compat.output_cache(out))
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:

@@ -30,7 +30,7 @@ TESTED_FROM, TESTED_BELOW = Version("5.23.0"), Version("5.25")
 CACHE_KEYWORDS = ("cache", "past_key_values")
 
 __all__ = ["CACHE_KEYWORDS", "UnsupportedTransformers", "apply_rotary_pos_emb", "attention_function",
-           "cache_bytes", "cache_in", "cache_keyword", "check_version", "pop_cache", "version_note"]
+           "cache_bytes", "cache_in", "cache_keyword", "check_version", "output_cache", "pop_cache", "version_note"]
 
 
 class UnsupportedTransformers(RuntimeError):
@@ -79,6 +79,15 @@ def pop_cache(kwargs: dict[str, Any]) -> Any:
         value = kwargs.pop(name, None)
         found = value if found is None else found
     return found
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a model's forward returned (``cache`` from transformers 5.24 on, where reading
+    ``past_key_values`` warns; ``past_key_values`` before)."""
+    for name in CACHE_KEYWORDS:
+        if name in output:  # a ModelOutput is a mapping of the fields it holds
+            return output[name]
+    return None
 
 
 def cache_bytes(cache: Any) -> int:
