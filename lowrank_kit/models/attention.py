@@ -84,8 +84,10 @@ class ValueDimAttention(SliceableRank):
         # 2,048 tokens on a CPU): over several queries, zero value dims are added and their (zero)
         # outputs dropped. A single decoding query reads the cache as it is (padding it would copy it).
         pad = module.head_dim - value.shape[-1] if query.shape[-2] > 1 else 0
-        if pad > 0:
-            value = F.pad(value, (0, pad))
+        if pad > 0:  # a fresh contiguous tensor: F.pad would keep the transposed strides, which the kernel refuses
+            padded = value.new_zeros(*value.shape[:-1], module.head_dim)
+            padded[..., : value.shape[-1]] = value
+            value = padded
         output, weights = attend(module, query, key, value, attention_mask, dropout=0.0, scaling=module.scaling,
                                  sliding_window=window, **kwargs)
         if pad > 0:
