@@ -158,6 +158,19 @@ class LayerPass:
             item.hidden = item.hidden.cpu()  # one layer's activations, off the accelerator
         return inputs
 
+    def advance_dense(self, index: int) -> dict[str, Statistic]:
+        """Layer ``index``'s statistics from the calibration inputs, which then move on through it,
+        still dense (the planning passes, which read the dense model's activations at every layer)."""
+        run, tap = self.ctx.run, self.collect(index)
+        if self.inputs is None:
+            self.inputs = self.capture_inputs(tap)
+        for item in self.inputs:
+            item.hidden = self.forward_layer(index, item).cpu()
+        gathered = tap.close(self.ctx.reduce())
+        _check_finite(run, index, gathered)
+        run.stats.update(gathered)
+        return gathered
+
     def forward_layer(self, index: int, item: LayerInputs) -> torch.Tensor:
         run = self.ctx.run
         with run.fabric.autocast():
@@ -270,14 +283,7 @@ class ErrorCurvePass(LayerPass):
         try:
             layers = len(run.adapter.layers)
             for index in ctx.progress(range(layers), layers, "error curves"):
-                tap = self.collect(index)
-                if self.inputs is None:
-                    self.inputs = self.capture_inputs(tap)
-                for item in self.inputs:
-                    item.hidden = self.forward_layer(index, item).cpu()
-                gathered = tap.close(ctx.reduce())
-                _check_finite(run, index, gathered)
-                run.stats.update(gathered)
+                gathered = self.advance_dense(index)
                 for curves in ctx.pm.hook.lowrank_error_curves(run=run, layer=index):
                     run.error_curves.update({curve.unit: curve for curve in curves})
                 for key in gathered:
@@ -333,14 +339,7 @@ class LayerLossPass(LayerPass):
         try:
             layers = len(run.adapter.layers)
             for index in ctx.progress(range(layers), layers, "refine plan (measured layer loss)"):
-                tap = self.collect(index)
-                if self.inputs is None:
-                    self.inputs = self.capture_inputs(tap)
-                for item in self.inputs:
-                    item.hidden = self.forward_layer(index, item).cpu()
-                gathered = tap.close(ctx.reduce())
-                _check_finite(run, index, gathered)
-                run.stats.update(gathered)
+                gathered = self.advance_dense(index)
                 dense_layer = copy.deepcopy(run.adapter.layers[index])
                 try:
                     ctx.pm.hook.lowrank_transform(run=run, layer=index)
