@@ -91,3 +91,15 @@ def test_refuses_to_write_into_a_folder_of_other_files(tmp_path: Path) -> None:
     (tmp_path / "m" / "report.json").write_text("{}")
     with pytest.raises(FileExistsError, match="not a speed benchmark"):
         speed.run_speed([tmp_path / "m"], tmp_path)
+
+
+def test_the_memory_probe_reports_its_own_peak_not_its_parents() -> None:
+    """A spawned child inherits ru_maxrss across exec on Linux; the probe must not report it."""
+    import multiprocessing
+
+    hog = bytearray(600 * 2**20)  # the parent's peak rises by 600 MB
+    hog[:: 4096] = b"x" * len(hog[:: 4096])
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        child = pool.apply(speed.peak_rss_mb)
+    assert child < speed.peak_rss_mb() - 400
+    del hog

@@ -236,11 +236,20 @@ def memory(which: str, dtype: str | None, device: str, tokens: int = MEMORY_TOKE
     ids = _ids(model, 1, tokens).to(device)
     out = model(input_ids=ids, use_cache=True)
     kv = hf_compat.cache_bytes(hf_compat.output_cache(out))
-    if device.startswith("cuda"):
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else peak_rss_mb()
     return {"peak_mb": peak, "kv_cache_mb": kv / 2**20}
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak resident memory. Linux keeps ``ru_maxrss`` across the exec that
+    starts a spawned process, so it would report the parent's peak; ``VmHWM`` belongs to the
+    process's own address space."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _memory_elsewhere(which: str, dtype: str | None, device: str) -> dict[str, float]:
