@@ -53,7 +53,7 @@ class Strategy:
     needs_error_curves: ClassVar[bool] = False
     # Allocators that refine their plan by measurement: after each plan the engine measures every
     # decoder layer's loss increase when it alone is compressed at that plan (``run.layer_losses``,
-    # on the first ``refine_windows`` calibration windows) and asks for a plan again, this many times.
+    # on ``refine_windows`` held-out windows of the calibration text) and asks again, this many times.
     refine_rounds: ClassVar[int] = 0
     refine_windows: ClassVar[int] = 4
 

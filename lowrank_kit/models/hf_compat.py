@@ -91,8 +91,8 @@ def output_cache(output: Any) -> Any:
 
 
 def cache_bytes(cache: Any) -> int:
-    """Bytes of the keys and values a KV cache holds, whatever its layout (per-layer objects from
-    transformers 4.56 on, lists of tensors before)."""
+    """Bytes of the keys and values a KV cache holds, whatever its layout (per-layer objects, as in
+    the transformers this package is tested with, or plain lists of tensors)."""
     holders = getattr(cache, "layers", None) or [cache]
     total = 0
     for holder in holders:
