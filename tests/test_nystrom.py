@@ -75,3 +75,17 @@ def test_flat_llm_pair_compresses_saves_and_reloads(tmp_path: Path, family: str)
     ids = sample_ids(n=2, length=32)
     with torch.no_grad():
         assert torch.equal(result.model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+
+
+def test_leverage_scores_cholesky_form_equals_eigen_form() -> None:
+    """diag(C (C + λI)⁻¹) through a Cholesky factor equals the eigendecomposition's, also for a
+    rank-deficient C (fewer tokens than channels)."""
+    torch.manual_seed(3)
+    x = torch.randn(20, 48, dtype=torch.float64)
+    gram = x.T @ x
+    for ridge in (1e-3, 1.0):
+        lam = ridge * gram.diagonal().sum() / 48
+        values, vectors = torch.linalg.eigh(gram)
+        shrink = values.clamp_min(0) / (values.clamp_min(0) + lam)
+        expected = (vectors.pow(2) * shrink).sum(dim=1)
+        assert torch.allclose(leverage_scores(gram, ridge), expected, atol=1e-12)

@@ -1,0 +1,118 @@
+"""What calibration costs, as multiples of one dense forward over the same calibration tokens.
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/calibration_cost.py [RECIPE ...] [--repeats 2]
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/calibration_cost.py flat_llm --profile 25
+
+Loads the recipe's model once; then, alternately, times one dense forward of the whole model
+over the recipe's calibration batches (and a forward+backward, the unit of Fisher scoring) and
+compresses with each recipe (no evaluation), reading the engine's own phase timings. Every
+ratio is a phase's time over the median dense time of the same run, so the shared cores' load
+cancels. ``--profile N`` prints the N operators that take the most time in the score and
+compress phases of the first recipe (torch's profiler, self time), which says where calibration
+time goes. Printed as a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch
+
+from lowrank_kit import api
+from lowrank_kit.data.texts import calibration_windows, load_text, tokenize
+from lowrank_kit.models.adapters import adapter_for
+from lowrank_kit.models.loading import load_model
+from lowrank_kit.recipe.spec import Recipe
+
+DEFAULT = ["flat_llm", "svd_llm", "flrc_static"]
+
+
+def dense_seconds(model: torch.nn.Module, batches: list[torch.Tensor], backward: bool) -> float:
+    """One pass of the whole model over the batches: no_grad forward, or forward + backward of the loss."""
+    start = time.perf_counter()
+    for batch in batches:
+        if backward:
+            model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+            model.zero_grad(set_to_none=True)
+        else:
+            with torch.no_grad():
+                model(input_ids=batch, use_cache=False)
+    return time.perf_counter() - start
+
+
+def batches_of(recipe: Recipe, tokenizer: object, needs_bos: bool) -> list[torch.Tensor]:
+    calibration = recipe.calibration
+    source = calibration.sources()[0]
+    ids = tokenize(tokenizer, load_text(source.dataset, "calibration", calibration.text_field))
+    windows = calibration_windows(ids, tokenizer, calibration.samples, calibration.seq_len, calibration.seed, needs_bos)
+    return list(windows.split(calibration.batch_size))
+
+
+def _phase(timings: dict[str, float], name: str) -> float:
+    """Seconds of the phases whose label starts with ``name`` ("score (forward + backward)" too)."""
+    return sum(seconds for label, seconds in timings.items() if label.startswith(name))
+
+
+def compress_timings(name: str, model: torch.nn.Module, tokenizer: object, folder: str) -> dict[str, float]:
+    result = api.compress(name, ["evaluate=[]"], model=model, tokenizer=tokenizer, overwrite=True, progress=False,
+                          checkpoint=False, output={"dir": f"{folder}/{name}", "cache_dir": None})
+    return dict(result.report["timings_s"])
+
+
+def profile(name: str, model: torch.nn.Module, tokenizer: object, folder: str, rows: int) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        compress_timings(name, model, tokenizer, folder)
+    total = sum(e.self_cpu_time_total for e in prof.key_averages())
+    print(f"\n### Where {name}'s load-to-save time goes (self CPU time, {total / 1e6:.1f} s profiled)\n")
+    print("| operator | calls | self s | share |")
+    print("|---|---:|---:|---:|")
+    for event in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:rows]:
+        print(f"| {event.key} | {event.count} | {event.self_cpu_time_total / 1e6:.2f} | "
+              f"{event.self_cpu_time_total / total:.1%} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipes", nargs="*", default=DEFAULT)
+    parser.add_argument("--repeats", type=int, default=1, help="compressions per recipe (interleaved)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="print the N costliest operators")
+    args = parser.parse_args()
+    first = api.load_recipe(args.recipes[0])
+    model, tokenizer = load_model(first.model.path, first.model.gguf_file, first.model.dtype)
+    batches = batches_of(first, tokenizer, adapter_for(model).needs_bos)
+    tokens = sum(b.numel() for b in batches)
+    forward, backward, phases = [], [], {name: [] for name in args.recipes}
+    with tempfile.TemporaryDirectory() as folder:
+        dense_seconds(model, batches[:1], False)  # warm-up
+        for _ in range(args.repeats):
+            for name in args.recipes:
+                forward.append(dense_seconds(model, batches, False))
+                backward.append(dense_seconds(model, batches, True))
+                phases[name].append(compress_timings(name, model, tokenizer, folder))
+        forward.append(dense_seconds(model, batches, False))
+        backward.append(dense_seconds(model, batches, True))
+        fwd, bwd = statistics.median(forward), statistics.median(backward)
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {len(batches)} batches, {tokens} "
+              f"calibration tokens; dense forward {fwd:.2f} s (min {min(forward):.2f}), forward+backward "
+              f"{bwd:.2f} s (min {min(backward):.2f}), medians of {len(forward)}\n")
+        print("| recipe | score s | compress s | score+compress / forward | score / forward+backward |")
+        print("|---|---:|---:|---:|---:|")
+        for name, runs in phases.items():
+            score = statistics.median(_phase(r, "score") for r in runs)
+            work = statistics.median(_phase(r, "score") + _phase(r, "compress") for r in runs)
+            print(f"| {name} | {score:.2f} | {work - score:.2f} | {work / fwd:.2f}× | {score / bwd:.2f}× |")
+        if args.profile:
+            profile(args.recipes[0], model, tokenizer, folder, args.profile)
+
+
+if __name__ == "__main__":
+    main()
