@@ -123,3 +123,13 @@ def test_a_gguf_file_beside_a_builtin_alias_is_not_ignored() -> None:
 
     with pytest.raises(RecipeError, match=r"model\.gguf_file: built-in model 'smollm2-135m' has one file"):
         resolve("smollm2-135m", "other.gguf")
+
+
+def test_keyword_sections_keep_none_beside_list_overrides(tmp_path) -> None:
+    """A section value None with list overrides is null in the recipe, not the folder name "None"."""
+    from lowrank_kit.api import resolve_recipe
+
+    recipe = resolve_recipe("flat_llm", ["target.ratio=0.3"], output={"cache_dir": None, "dir": str(tmp_path / "a b")})
+    assert recipe.output.cache_dir is None
+    assert recipe.output.dir == str(tmp_path / "a b")
+    assert recipe.target.ratio == 0.3

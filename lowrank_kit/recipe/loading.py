@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -258,7 +259,8 @@ def resolve_recipe(recipe: str | Path | dict[str, Any] | Recipe,
     for key, value in sections.items():
         merged.update(flat_fields(value, key))
     if isinstance(overrides, list):
-        extra = overrides + [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in merged.items()]
+        # JSON is YAML flow syntax: None stays null (a Python repr would make it the text "None").
+        extra = overrides + [f"{k}={json.dumps(v)}" for k, v in merged.items()]
         all_overrides: dict[str, Any] | list[str] = extra
     else:
         all_overrides = {**(overrides or {}), **merged}
