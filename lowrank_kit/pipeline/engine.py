@@ -196,7 +196,7 @@ class Engine:
         io.check_output_dir(recipe.output_dir(), self.overwrite)
         pm = run_manager([choice.build() for choice in recipe.strategies()])
         fabric = Fabric(accelerator=recipe.runtime.accelerator, devices=recipe.runtime.devices,
-                        precision=recipe.runtime.precision)
+                        num_nodes=recipe.runtime.num_nodes, precision=recipe.runtime.precision)
         fabric.launch()
         self.checkpoints = Checkpoints.open(recipe.output_dir(), recipe, self.resume, fabric.global_rank == 0)
         with self.phase("load"):
@@ -250,8 +250,14 @@ class Engine:
                                                  calibration.seed + i, run.adapter.needs_bos))
             except ValueError as err:
                 raise RecipeError(key, f"'{source.dataset}': {err}") from None
-        windows = torch.cat(parts)
-        run.calibration = windows[fabric.global_rank :: fabric.world_size]
+        # Whole batches go to the processes in turn, so every process's batches are batches one
+        # process would form: Fisher sums each batch's squared gradient, which is not additive
+        # over windows (a shard of windows would batch them differently).
+        batches = torch.cat(parts).split(calibration.batch_size)
+        if len(batches) < fabric.world_size:
+            raise RecipeError("runtime.devices", f"{fabric.world_size} processes need at least as many calibration "
+                              f"batches, got {len(batches)}: lower calibration.batch_size or add samples")
+        run.calibration = torch.cat(batches[fabric.global_rank :: fabric.world_size])
         for i, spec in enumerate(run.recipe.evaluate):
             if spec.metric != "lm_eval" and not is_json(spec.dataset):  # JSONL: read by its metric, with its fields
                 _read_text(spec.dataset, "evaluation", spec.text_field, f"evaluate[{i}].dataset")

@@ -172,7 +172,10 @@ class QuantizeSpec:
 class RuntimeSpec:
     accelerator: Literal["auto", "cpu", "cuda", "gpu", "mps", "tpu"] = _help(
         "Lightning Fabric accelerator", default="auto")
-    devices: int = _help("devices for data-parallel calibration", default=1)
+    devices: int = _help("processes per node for data-parallel calibration (on the CPU: gloo processes)",
+                         default=1)
+    num_nodes: int = _help("nodes of a multi-node run (launched by torchrun or SLURM, see docs/scaling.md)",
+                           default=1)
     precision: Literal["32-true", "32", "64-true", "64", "16-mixed", "bf16-mixed", "16-true", "bf16-true"] = _help(
         "Fabric precision of calibration forwards (statistics stay float64)", default="32-true")
     backward_chunk: int = _help("windows per backward pass when scoring needs gradients (memory bound); "
@@ -181,6 +184,8 @@ class RuntimeSpec:
     def check(self, path: str) -> None:
         if self.devices < 1:
             raise RecipeError(join(path, "devices"), f"must be at least 1, got {self.devices}")
+        if self.num_nodes < 1:
+            raise RecipeError(join(path, "num_nodes"), f"must be at least 1, got {self.num_nodes}")
         if self.backward_chunk < 1:
             raise RecipeError(join(path, "backward_chunk"), f"must be at least 1, got {self.backward_chunk}")
 
