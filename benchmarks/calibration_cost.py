@@ -25,10 +25,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 from lowrank_kit import api
-from lowrank_kit.data.texts import calibration_windows, load_text, tokenize
 from lowrank_kit.models.adapters import adapter_for
 from lowrank_kit.models.loading import load_model
-from lowrank_kit.recipe.spec import Recipe
+from lowrank_kit.pipeline.engine import calibration_batches
 
 DEFAULT = ["flat_llm", "svd_llm", "flrc_static"]
 
@@ -44,14 +43,6 @@ def dense_seconds(model: torch.nn.Module, batches: list[torch.Tensor], backward:
             with torch.no_grad():
                 model(input_ids=batch, use_cache=False)
     return time.perf_counter() - start
-
-
-def batches_of(recipe: Recipe, tokenizer: object, needs_bos: bool) -> list[torch.Tensor]:
-    calibration = recipe.calibration
-    source = calibration.sources()[0]
-    ids = tokenize(tokenizer, load_text(source.dataset, "calibration", calibration.text_field))
-    windows = calibration_windows(ids, tokenizer, calibration.samples, calibration.seq_len, calibration.seed, needs_bos)
-    return list(windows.split(calibration.batch_size))
 
 
 def _phase(timings: dict[str, float], name: str) -> float:
@@ -88,7 +79,7 @@ def main() -> None:
     args = parser.parse_args()
     first = api.load_recipe(args.recipes[0])
     model, tokenizer = load_model(first.model.path, first.model.gguf_file, first.model.dtype)
-    batches = batches_of(first, tokenizer, adapter_for(model).needs_bos)
+    batches = calibration_batches(first.calibration, tokenizer, adapter_for(model).needs_bos)
     tokens = sum(b.numel() for b in batches)
     forward, backward, phases = [], [], {name: [] for name in args.recipes}
     with tempfile.TemporaryDirectory() as folder:

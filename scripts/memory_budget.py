@@ -26,8 +26,7 @@ class Config:
     heads: int
     kv_heads: int
     head_dim: int
-    vocab: int
-    tied: bool = False
+    vocab: int  # embeddings and lm_head are separate matrices in both models
 
     @property
     def layer_params(self) -> int:
@@ -37,7 +36,7 @@ class Config:
 
     @property
     def embedding_params(self) -> int:
-        return self.vocab * self.hidden * (1 if self.tied else 2)
+        return 2 * self.vocab * self.hidden
 
     @property
     def params(self) -> int:

@@ -49,7 +49,7 @@ from lowrank_kit.pipeline.errors import annotate, describe, interrupted, write_l
 from lowrank_kit.pipeline.passes import LAYER_PASSES, ErrorCurvePass, LayerLossPass, PassContext, ScoringPass
 from lowrank_kit.pipeline.state import RunState
 from lowrank_kit.recipe.schema import RecipeError, to_dict
-from lowrank_kit.recipe.spec import Recipe
+from lowrank_kit.recipe.spec import DataSpec, Recipe
 from lowrank_kit.reporting import report
 
 T = TypeVar("T")
@@ -239,21 +239,10 @@ class Engine:
         text with the recipe's seed plus its position in the list, in list order.
         """
         calibration, fabric = run.recipe.calibration, run.fabric
-        sources = calibration.sources()
-        counts = window_counts([s.weight for s in sources], calibration.samples)
-        parts = []
-        for i, (source, count) in enumerate(zip(sources, counts, strict=True)):
-            key = "calibration.dataset" if isinstance(calibration.dataset, str) else f"calibration.dataset[{i}]"
-            ids = tokenize(run.tokenizer, _read_text(source.dataset, "calibration", calibration.text_field, key))
-            try:
-                parts.append(calibration_windows(ids, run.tokenizer, count, calibration.seq_len,
-                                                 calibration.seed + i, run.adapter.needs_bos))
-            except ValueError as err:
-                raise RecipeError(key, f"'{source.dataset}': {err}") from None
         # Whole batches go to the processes in turn, so every process's batches are batches one
         # process would form: Fisher sums each batch's squared gradient, which is not additive
         # over windows (a shard of windows would batch them differently).
-        batches = torch.cat(parts).split(calibration.batch_size)
+        batches = calibration_batches(calibration, run.tokenizer, run.adapter.needs_bos)
         if len(batches) < fabric.world_size:
             raise RecipeError("runtime.devices", f"{fabric.world_size} processes need at least as many calibration "
                               f"batches, got {len(batches)}: lower calibration.batch_size or add samples")
@@ -457,3 +446,23 @@ def same_compression(a: Recipe, b: Recipe) -> bool:
     """Whether two recipes compress identically (they may differ in decode, name and output)."""
     first, second = a.to_dict(), b.to_dict()
     return all(first[k] == second[k] for k in first if k not in ("name", "decode", "output"))
+
+
+def calibration_batches(calibration: DataSpec, tokenizer: Any, needs_bos: bool) -> list[torch.Tensor]:
+    """The recipe's seeded calibration windows, in batches of ``calibration.batch_size``.
+
+    A list of sources gives each its share of the windows (``window_counts``), drawn from its own
+    text with the recipe's seed plus its position in the list, in list order.
+    """
+    sources = calibration.sources()
+    counts = window_counts([s.weight for s in sources], calibration.samples)
+    parts = []
+    for i, (source, count) in enumerate(zip(sources, counts, strict=True)):
+        key = "calibration.dataset" if isinstance(calibration.dataset, str) else f"calibration.dataset[{i}]"
+        ids = tokenize(tokenizer, _read_text(source.dataset, "calibration", calibration.text_field, key))
+        try:
+            parts.append(calibration_windows(ids, tokenizer, count, calibration.seq_len, calibration.seed + i,
+                                             needs_bos))
+        except ValueError as err:
+            raise RecipeError(key, f"'{source.dataset}': {err}") from None
+    return list(torch.cat(parts).split(calibration.batch_size))
