@@ -35,10 +35,10 @@ def load_any(pretrained: str) -> tuple[Any, Any]:
     from transformers import AutoTokenizer
 
     from lowrank_kit.models.loading import load_model
-    from lowrank_kit.persistence.saving import WEIGHTS, load_pretrained
+    from lowrank_kit.persistence.saving import load_pretrained, weight_files
 
     folder = Path(pretrained)
-    if (folder / WEIGHTS).is_file() and (folder / "config.json").is_file() and "lowrank" in (
+    if weight_files(folder) and (folder / "config.json").is_file() and "lowrank" in (
             folder / "config.json").read_text():
         return load_pretrained(folder), AutoTokenizer.from_pretrained(folder)
     return load_model(pretrained)

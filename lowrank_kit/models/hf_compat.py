@@ -30,7 +30,8 @@ TESTED_FROM, TESTED_BELOW = Version("5.23.0"), Version("5.25")
 CACHE_KEYWORDS = ("cache", "past_key_values")
 
 __all__ = ["CACHE_KEYWORDS", "UnsupportedTransformers", "apply_rotary_pos_emb", "attention_function",
-           "cache_bytes", "cache_in", "cache_keyword", "check_version", "output_cache", "pop_cache", "version_note"]
+           "cache_bytes", "cache_in", "cache_keyword", "check_version", "output_cache", "parameters_on_meta", "pop_cache",
+           "version_note"]
 
 
 class UnsupportedTransformers(RuntimeError):
@@ -130,3 +131,16 @@ def forget_gguf_quantizer(model: Any) -> None:
         model.hf_quantizer = None
     if getattr(model, "is_quantized", False):
         model.is_quantized = False
+
+
+def parameters_on_meta() -> Any:
+    """A context in which new modules get meta parameters but real buffers (rotary tables are
+    computed in ``__init__`` and are in no checkpoint); accelerate's ``init_empty_weights``."""
+    try:
+        from accelerate import init_empty_weights
+    except ImportError:
+        from lowrank_kit.recipe.schema import RecipeError
+
+        raise RecipeError("runtime.offload", "disk offloading needs accelerate: pip install 'lowrank-kit[offload]'"
+                          ) from None
+    return init_empty_weights(include_buffers=False)

@@ -136,3 +136,58 @@ def load_model(path: str, gguf_file: str | None = None, dtype: str = "float32") 
         hf_compat.forget_gguf_quantizer(model)
     model.eval()
     return model, tokenizer
+
+
+def safetensors_folder(path: str, gguf_file: str | None = None, dtype: str = "float32") -> Path:
+    """A folder of safetensors weights, config and tokenizer for ``model.path``, for lazy reading.
+
+    A local folder with safetensors weights is used as it is; a GGUF checkpoint (the built-in
+    aliases) is dequantised once into the cache (``CACHE/safetensors/<file>-<dtype>``, written
+    under a temporary name and renamed); a hub id is downloaded (weights, config, tokenizer).
+    """
+    where, gguf = resolve(path, gguf_file)
+    if not gguf and os.path.isdir(where):
+        if not any(Path(where).glob("*.safetensors")):
+            raise RecipeError("model.path", f"'{where}' holds no safetensors weights, which runtime.offload: disk "
+                                            "reads lazily; convert it (save_pretrained) or use runtime.offload: cpu")
+        return Path(where)
+    if not gguf:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(where, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"]))
+    target = CACHE / "safetensors" / f"{Path(gguf).stem}-{dtype}"
+    if (target / "config.json").is_file():
+        return target
+    model, tokenizer = load_model(path, gguf_file, dtype)
+    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    del model
+    partial.rename(target)
+    return target
+
+
+def load_lazily(path: str, gguf_file: str | None = None, dtype: str = "float32") -> tuple[Any, Any, Any]:
+    """(model, tokenizer, weight files): every decoder layer's parameters are meta tensors, read
+    from the files when ``models.offload`` brings the layer in; the rest is read now."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from lowrank_kit.models import hf_compat
+    from lowrank_kit.models.offload import WeightFiles
+
+    folder = safetensors_folder(path, gguf_file, dtype)
+    config = AutoConfig.from_pretrained(folder)
+    with hf_compat.parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+    files = WeightFiles(folder)
+    layers = model.get_decoder().layers
+    prefix = next(name for name, module in model.named_modules() if module is layers) + "."
+    outer = [name for name in model.state_dict() if not name.startswith(prefix)]
+    present = [name for name in outer if name in files.where]
+    model.load_state_dict(files.read(present, DTYPES[dtype]), strict=False, assign=True)
+    model.tie_weights()  # a tied head is not in the file
+    left = [name for name, p in model.named_parameters() if p.is_meta and not name.startswith(prefix)]
+    if left:
+        raise ValueError(f"weights {left[:3]} are missing from '{folder}'")
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(folder), files

@@ -24,6 +24,7 @@ from torch import nn
 
 from lowrank_kit.compressed import quantization
 from lowrank_kit.models import hf_classes
+from lowrank_kit.models.offload import INDEX, Offloader
 from lowrank_kit.recipe.schema import RecipeError
 
 if TYPE_CHECKING:
@@ -64,7 +65,20 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # parameters() yields tied tensors once
 
 
-def save_model_files(model: Any, tokenizer: Any, folder: Path, extra: dict[str, Any] | None = None) -> None:
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files of a saved model: ``model.safetensors``, or the shards its index names."""
+    if (folder / WEIGHTS).is_file():
+        return [folder / WEIGHTS]
+    index = folder / INDEX
+    if index.is_file():
+        return sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
+    return []
+
+
+def save_model_files(model: Any, tokenizer: Any, folder: Path, extra: dict[str, Any] | None = None,
+                     offload: Offloader | None = None) -> None:
+    """``offload``: layers are read back one at a time (``runtime.offload: disk``), so the weights
+    are written as shards, one per decoder layer, with transformers' index file."""
     folder.mkdir(parents=True, exist_ok=True)
     decoder = getattr(model, "lowrank_decoder", None)
     model.config.lowrank = {"format": FORMAT_VERSION, "modules": hf_classes.module_specs(model),
@@ -78,6 +92,8 @@ def save_model_files(model: Any, tokenizer: Any, folder: Path, extra: dict[str, 
         model.generation_config.save_pretrained(folder)
     if quantization.has_quantized(model):
         quantization.save(model, folder / WEIGHTS)
+    elif offload is not None and offload.mode == "disk":
+        offload.save_shards(folder, metadata={"format": "pt"})
     else:  # drops the duplicate names of tied tensors; "pt" is what transformers writes and expects
         save_model(model, str(folder / WEIGHTS), metadata={"format": "pt"})
     if tokenizer is not None:
@@ -92,7 +108,7 @@ def write_model(run: RunState, partial: Path) -> None:
     partial.mkdir(parents=True, exist_ok=True)
     if run.recipe.output.save_model:
         extra = {"plan": run.plan.to_dict() if run.plan else None}
-        save_model_files(run.model, run.tokenizer, partial, extra)
+        save_model_files(run.model, run.tokenizer, partial, extra, run.offload)
 
 
 def finish(run: RunState, partial: Path, folder: Path, report: dict[str, Any], overwrite: bool = False,
@@ -128,7 +144,7 @@ def load_pretrained(folder: str | Path, *, dtype: torch.dtype | str | None = Non
 
     hf_classes.register()
     where = str(folder)
-    if Path(where).is_dir() and not (Path(where) / WEIGHTS).is_file():
+    if Path(where).is_dir() and not weight_files(Path(where)):
         raise FileNotFoundError(f"no {WEIGHTS} in '{where}': not a saved lowrank-kit model")
     config = AutoConfig.from_pretrained(where, **{k: v for k, v in from_pretrained.items() if k in HUB_ARGS})
     lowrank = getattr(config, "lowrank", None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,14 @@ from torch import nn
 from lowrank_kit.calibration.stats import Statistic
 
 
-def fingerprint(model: nn.Module) -> str:
-    """Identifies a model's weights and config cheaply: the config plus per-tensor sums."""
+def fingerprint(model: nn.Module, state: Iterable[tuple[str, torch.Tensor]] | None = None) -> str:
+    """Identifies a model's weights and config cheaply: the config plus per-tensor sums.
+
+    ``state``: the model's state-dict items when they are not all in memory (offloaded layers).
+    """
     digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
     with torch.no_grad():
-        for name, tensor in model.state_dict().items():
+        for name, tensor in (state if state is not None else model.state_dict().items()):
             digest.update(f"{name}:{tuple(tensor.shape)}:{float(tensor.double().sum()):.10e}".encode())
     return digest.hexdigest()[:16]
 

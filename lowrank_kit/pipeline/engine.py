@@ -15,6 +15,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import shutil
 import time
 import warnings
 from collections.abc import Iterable, Iterator
@@ -40,7 +41,8 @@ from lowrank_kit.evaluation.metrics import DECODE_INDEPENDENT, evaluate
 from lowrank_kit.extension.manager import run_manager
 from lowrank_kit.harness.speed import quick_compare
 from lowrank_kit.models.adapters import adapter_for
-from lowrank_kit.models.loading import load_model
+from lowrank_kit.models import offload
+from lowrank_kit.models.loading import DTYPES, load_lazily, load_model
 from lowrank_kit.persistence import saving as io
 from lowrank_kit.persistence.checkpoint import Checkpoints
 from lowrank_kit.pipeline.cache import Cache, DenseStore, fingerprint
@@ -179,6 +181,8 @@ class Engine:
 
     def _after_failure(self, err: BaseException) -> None:
         """Describe the failure (one line, the traceback in a log) and say what it left behind."""
+        if self.run_state is not None and self.run_state.offload is not None:
+            self.run_state.offload.remove_folder()  # a resumed run reads its finished layers from the checkpoints
         if self.checkpoints is not None:
             self.checkpoints.release()
             err.lowrank_hint = self.checkpoints.hint()  # type: ignore[attr-defined]
@@ -199,12 +203,30 @@ class Engine:
                         num_nodes=recipe.runtime.num_nodes, precision=recipe.runtime.precision)
         fabric.launch()
         self.checkpoints = Checkpoints.open(recipe.output_dir(), recipe, self.resume, fabric.global_rank == 0)
+        mode = recipe.runtime.offload
+        _check_offload(recipe)
         with self.phase("load"):
-            if model is None:
+            source = None
+            if model is None and mode == "disk":
+                model, tokenizer, source = load_lazily(recipe.model.path, recipe.model.gguf_file, recipe.model.dtype)
+            elif model is None:
                 model, tokenizer = load_model(recipe.model.path, recipe.model.gguf_file, recipe.model.dtype)
-            model.to(fabric.device).eval()
-        run = RunState(recipe=recipe, model=model, tokenizer=tokenizer, adapter=adapter_for(model),
-                       fabric=fabric, calibration=torch.empty(0))
+            adapter = adapter_for(model)
+            if mode == "none":
+                model.to(fabric.device)
+            else:
+                offload.place_outer(model, adapter.layers, fabric.device)
+            model.eval()
+        # Beside the output, never in it: the partial folder becomes the output, and every process has its own.
+        folder = recipe.output_dir().with_name(f".{recipe.output_dir().name}.offload-{fabric.global_rank}")
+        if mode == "disk":
+            shutil.rmtree(folder, ignore_errors=True)  # what a killed run left
+            if source is None:  # a model passed in: its dense layers become the files read back
+                source = offload.write_dense(model, adapter.layers, folder / "dense")
+        run = RunState(recipe=recipe, model=model, tokenizer=tokenizer, adapter=adapter, fabric=fabric,
+                       calibration=torch.empty(0),
+                       offload=offload.Offloader(model, adapter.layers, fabric.device, mode, folder, source,
+                                                 DTYPES[recipe.model.dtype]))
         self.run_state = run
         self._emit("on_run_start")
         return run, pm
@@ -339,14 +361,19 @@ class Engine:
             with self.phase("save"):
                 io.write_model(run, checkpoints.folder)
         rep = report.build(run, dense_params, io.count_params(model), evaluations, self.timings)
-        weights = checkpoints.folder / io.WEIGHTS
-        if fabric.global_rank == 0 and weights.is_file():
-            rep["model_file_bytes"] = weights.stat().st_size
+        weights = io.weight_files(checkpoints.folder)
+        if fabric.global_rank == 0 and weights:
+            rep["model_file_bytes"] = sum(f.stat().st_size for f in weights)
         files = {"generations.jsonl": report.generations_jsonl(evaluations)}
         saved = None
         if fabric.global_rank == 0:
             saved = io.finish(run, checkpoints.folder, out_dir, rep, self.overwrite, files,
                               before_move=checkpoints.finish)
+        if run.offload is not None and run.offload.mode == "disk":
+            if saved is not None:
+                run.offload.reopen(saved)  # the returned model reads its layers from the saved shards
+            else:
+                run.offload.remove_folder()
         self._emit("on_run_end", rep)
         return Result(model=model, tokenizer=run.tokenizer, report=rep, output_dir=saved, run=run,
                       evaluations=evaluations, dense_params=dense_params)
@@ -354,7 +381,7 @@ class Engine:
     def _dense_fingerprint(self, run: RunState) -> str:
         """The dense model's identity for cache keys, taken before any layer is compressed."""
         if "fingerprint" not in run.notes:
-            run.notes["fingerprint"] = fingerprint(run.model)
+            run.notes["fingerprint"] = fingerprint(run.model, run.offload.state_items() if run.offload else None)
         return run.notes["fingerprint"]
 
     def _dense_evaluations(self, run: RunState) -> list[dict[str, Any]]:
@@ -440,6 +467,22 @@ def _read_text(name: str, purpose: str, text_field: str, key: str = "calibration
     if not text.strip():
         raise RecipeError(key, f"'{name}' holds no text")
     return text
+
+
+def _check_offload(recipe: Recipe) -> None:
+    """What layer-wise onloading does not do yet, refused before any work."""
+    mode = recipe.runtime.offload
+    if mode == "none":
+        return
+    if getattr(recipe.allocate.args, "refine", 0):
+        raise RecipeError("allocate.refine", f"a refined plan is not measured under runtime.offload: {mode} yet; "
+                                             "drop refine or set runtime.offload: none")
+    if mode == "disk" and recipe.quantize.weights != "none":
+        raise RecipeError("quantize.weights", "int8 quantisation is not done under runtime.offload: disk yet; "
+                                              "quantise the saved model, or use runtime.offload: cpu")
+    if mode == "disk" and not recipe.output.save_model:
+        raise RecipeError("output.save_model", "runtime.offload: disk keeps the compressed layers in the saved "
+                                               "model's files; set output.save_model: true")
 
 
 def same_compression(a: Recipe, b: Recipe) -> bool:

@@ -73,7 +73,8 @@ class ScoringPass:
         tap = Tap()
         ctx.pm.hook.lowrank_collect_dense(run=run, tap=tap)
         label = "score (forward + backward)" if tap.backward else "score"
-        with _gradients_only_for(run.model, tap.grad_params, tap.activation_grads):
+        resident = run.offload.everything() if tap.backward and run.offload else contextlib.nullcontext()
+        with resident, _gradients_only_for(run.model, tap.grad_params, tap.activation_grads):
             for batch in ctx.progress(ctx.batches(), ctx.batch_count, label):
                 if tap.backward:
                     # The gradient of the batch's mean loss, accumulated over chunks of windows so
@@ -116,18 +117,20 @@ class LayerPass:
             ctx.emit("on_layer_start", index)
             if checkpoints is not None and checkpoints.has(index):
                 self.skip(index)
-                checkpoints.restore_layer(run, index)
+                with run.layer_in(index, changed=True):
+                    checkpoints.restore_layer(run, index)
                 ctx.emit("on_layer_end", index)
                 continue
-            tap = self.collect(index)
-            gathered = self.gather(index, tap)
-            _check_finite(run, index, gathered)
-            run.stats.update(gathered)
-            ctx.pm.hook.lowrank_transform(run=run, layer=index)
-            for key in gathered:  # a layer's statistics are not needed once it is compressed
-                run.stats.pop(key, None)
-            if checkpoints is not None:
-                checkpoints.save_layer(run, index)
+            with run.layer_in(index, changed=True):
+                tap = self.collect(index)
+                gathered = self.gather(index, tap)
+                _check_finite(run, index, gathered)
+                run.stats.update(gathered)
+                ctx.pm.hook.lowrank_transform(run=run, layer=index)
+                for key in gathered:  # a layer's statistics are not needed once it is compressed
+                    run.stats.pop(key, None)
+                if checkpoints is not None:
+                    checkpoints.save_layer(run, index)
             ctx.emit("on_layer_end", index)
 
     def restored(self, index: int) -> bool:
@@ -152,7 +155,8 @@ class LayerPass:
     def capture_inputs(self, tap: Tap) -> list[LayerInputs]:
         """The first decoder layer's inputs and keyword arguments for every calibration batch, on the CPU."""
         run = self.ctx.run
-        with tap.paused():  # the recorders pass embeddings through every layer
+        skip = run.offload.bypass() if run.offload else contextlib.nullcontext()
+        with tap.paused(), skip:  # the recorders pass embeddings through every layer (weights unused)
             inputs = [capture(run.model, run.adapter.layers, batch) for batch in self.ctx.batches()]
         for item in inputs:
             item.hidden = item.hidden.cpu()  # one layer's activations, off the accelerator
@@ -283,9 +287,10 @@ class ErrorCurvePass(LayerPass):
         try:
             layers = len(run.adapter.layers)
             for index in ctx.progress(range(layers), layers, "error curves"):
-                gathered = self.advance_dense(index)
-                for curves in ctx.pm.hook.lowrank_error_curves(run=run, layer=index):
-                    run.error_curves.update({curve.unit: curve for curve in curves})
+                with run.layer_in(index):
+                    gathered = self.advance_dense(index)
+                    for curves in ctx.pm.hook.lowrank_error_curves(run=run, layer=index):
+                        run.error_curves.update({curve.unit: curve for curve in curves})
                 for key in gathered:
                     run.stats.pop(key, None)
         finally:

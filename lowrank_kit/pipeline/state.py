@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -13,6 +14,7 @@ from transformers import PreTrainedModel
 from lowrank_kit.calibration.stats import Statistic
 from lowrank_kit.compressed.plan import ErrorCurve, RankPlan, Unit
 from lowrank_kit.models.adapters import Geometry, ModelAdapter
+from lowrank_kit.models.offload import Offloader
 from lowrank_kit.pipeline.cache import DenseStore
 from lowrank_kit.recipe.spec import Recipe
 
@@ -44,6 +46,12 @@ class RunState:
     store: DenseStore | None = None  # results shared with other runs of this process (a bench)
     store_base: str = ""  # the dense model and calibration data those results belong to
     dense_statistics: bool = False  # whether the layer pass takes statistics on the dense model
+    offload: Offloader | None = None  # runtime.offload: brings decoder layers in while they are used
+
+    def layer_in(self, index: int, changed: bool = False) -> contextlib.AbstractContextManager[Any]:
+        """Decoder layer ``index`` on the device for the block (a no-op without offloading);
+        ``changed``: the block gives the layer new weights, which offloading must keep."""
+        return self.offload.layer(index, changed) if self.offload is not None else contextlib.nullcontext()
 
     @property
     def geometry(self) -> Geometry:

@@ -180,6 +180,10 @@ class RuntimeSpec:
         "Fabric precision of calibration forwards (statistics stay float64)", default="32-true")
     backward_chunk: int = _help("windows per backward pass when scoring needs gradients (memory bound); "
                                 "a batch's gradient is accumulated over its chunks", default=1)
+    offload: Literal["none", "cpu", "disk"] = _help(
+        "where decoder layers live between uses: none (all on the device), cpu (host memory, each moved "
+        "to the device while used), disk (read lazily from safetensors, written back once transformed)",
+        default="none")
 
     def check(self, path: str) -> None:
         if self.devices < 1:

@@ -1,0 +1,103 @@
+"""Layer-wise onloading (``runtime.offload``): the same numbers as without it, bit for bit on the
+CPU, with the disk mode's layers read lazily from a saved folder and written back as shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import ByteTokenizer, tiny_recipe
+
+from lowrank_kit.api import compress
+from lowrank_kit.models.offload import INDEX, Offloader, WeightFiles, write_dense
+from lowrank_kit.persistence.saving import load_pretrained
+from lowrank_kit.recipe.schema import RecipeError
+from lowrank_kit.testing import byte_level_tokenizer, sample_ids, tiny_model
+
+RECIPES: dict[str, dict[str, Any]] = {
+    # sequential statistics and a forward-only score (FLAT-LLM's shape)
+    "flat": {"score": "angular_importance", "allocate": "iprs",
+             "transform": [{"plugin": "headwise_pca", "targets": ["v_proj", "o_proj"]},
+                           {"plugin": "nystrom", "targets": ["gate_proj", "up_proj", "down_proj"]}]},
+    # a backward-pass score and the dense model's statistics (FLRC's shape)
+    "fisher": {"calibration": {"dataset": "austen-emma", "samples": 8, "seq_len": 64, "seed": 0, "batch_size": 4,
+                               "pipeline": "dense_input"},
+               "score": "fisher", "allocate": "fisher", "transform": [{"plugin": "svd_llm"}]},
+    # error curves on the dense model before allocating
+    "budget": {"score": "output_gradient", "allocate": "error_budget",
+               "transform": [{"plugin": "headwise_pca", "targets": ["v_proj", "o_proj"]},
+                             {"plugin": "nystrom", "targets": ["gate_proj", "up_proj", "down_proj"]}]},
+}
+
+
+def _run(tmp_path: Path, kind: str, offload: str, family: str = "llama", model: Any = None) -> Any:
+    raw = tiny_recipe(tmp_path, ratio=0.3, **RECIPES[kind])
+    raw["output"]["dir"] = str(tmp_path / f"{kind}-{offload}")
+    raw["runtime"]["offload"] = offload
+    given = {"model": tiny_model(family), "tokenizer": ByteTokenizer()} if model is None else {}
+    if model is not None:
+        raw["model"]["path"] = str(model)
+    return compress(raw, progress=False, **given)
+
+
+@pytest.mark.parametrize("kind", list(RECIPES))
+def test_offloading_gives_the_same_model_bit_for_bit(tmp_path: Path, kind: str) -> None:
+    ids = sample_ids()
+    results = {mode: _run(tmp_path, kind, mode) for mode in ("none", "cpu", "disk")}
+    reference = results["none"]
+    logits = reference.model(ids).logits
+    for mode in ("cpu", "disk"):
+        result = results[mode]
+        assert result.report["achieved_ratio"] == reference.report["achieved_ratio"]
+        assert [r["compressed"] for r in result.report["evaluation"]] == \
+               [r["compressed"] for r in reference.report["evaluation"]]
+        assert torch.equal(result.model(ids).logits, logits), mode  # the returned model works too
+        assert torch.equal(load_pretrained(result.output_dir)(ids).logits, logits), mode
+    disk = results["disk"].output_dir
+    assert (disk / INDEX).is_file() and not (disk / "model.safetensors").exists()
+    assert not any(p.name.startswith(".") for p in disk.parent.iterdir())  # no working folder left
+
+
+def test_disk_reads_a_saved_folder_lazily_and_matches(tmp_path: Path) -> None:
+    folder = tmp_path / "dense"
+    tiny_model("gemma3").save_pretrained(folder)  # sliding-window layers, a tied head, real rotary buffers
+    byte_level_tokenizer().save_pretrained(folder)
+    runs = {mode: _run(tmp_path, "flat", mode, model=folder) for mode in ("none", "disk")}
+    ids = sample_ids()
+    assert torch.equal(runs["disk"].model(ids).logits, runs["none"].model(ids).logits)
+    assert [r["compressed"] for r in runs["disk"].report["evaluation"]] == \
+           [r["compressed"] for r in runs["none"].report["evaluation"]]
+
+
+def test_a_layer_off_the_device_holds_no_weights(tmp_path: Path) -> None:
+    model = tiny_model("llama")
+    layers = model.model.layers
+    expected = model(sample_ids()).logits
+    source = write_dense(model, layers, tmp_path / "dense")
+    assert all(p.is_meta for p in layers.parameters())
+    assert not any(p.is_meta for name, p in model.named_parameters() if ".layers." not in name)
+    offload = Offloader(model, layers, torch.device("cpu"), "disk", tmp_path / "work", source)
+    assert torch.equal(model(sample_ids()).logits, expected)
+    assert all(p.is_meta for p in layers.parameters())  # every layer went back out after its forward
+    assert offload.loads == len(layers)
+    with offload.layer(0, changed=True) as layer, torch.no_grad():
+        layer.mlp.down_proj.weight.mul_(0)
+    assert (tmp_path / "work" / "layers" / "000" / "layer.safetensors").is_file()
+    with offload.layer(0) as layer:
+        assert not layer.mlp.down_proj.weight.any()  # read back from its own file, not the dense one
+    assert isinstance(WeightFiles(tmp_path / "dense").read(["model.layers.1.mlp.up_proj.weight"], torch.float32)
+                      ["model.layers.1.mlp.up_proj.weight"], torch.Tensor)
+
+
+def test_unsupported_combinations_are_refused_before_any_work(tmp_path: Path) -> None:
+    raw = tiny_recipe(tmp_path, **RECIPES["flat"])
+    raw["runtime"]["offload"] = "disk"
+    raw["output"]["save_model"] = False
+    with pytest.raises(RecipeError, match="output.save_model"):
+        compress(raw, progress=False, model=tiny_model("llama"), tokenizer=ByteTokenizer())
+    raw = tiny_recipe(tmp_path, **RECIPES["flat"])
+    raw["runtime"]["offload"] = "cloud"
+    with pytest.raises(RecipeError, match="runtime.offload"):
+        compress(raw, progress=False, model=tiny_model("llama"), tokenizer=ByteTokenizer())
