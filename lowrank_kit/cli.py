@@ -84,7 +84,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.tasks and importlib.util.find_spec("lm_eval") is None:
         raise RecipeError("--tasks", EXTRA)
-    model, tokenizer = load_any(args.model)
+    if args.offload_disk and args.tasks:
+        raise RecipeError("--offload-disk", "lm-eval tasks load the model whole; drop --offload-disk or --tasks")
+    if args.offload_disk:
+        model, tokenizer = _lazy(args.model)
+    else:
+        model, tokenizer = load_any(args.model)
     if args.tasks:
         return _lm_eval(args, model, tokenizer)
     spec = EvalSpec(dataset=args.dataset, seq_len=args.seq_len, max_tokens=args.max_tokens)
@@ -92,6 +97,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"{row['metric']} on {row['dataset']} ({row['tokens']} tokens, windows of {row['seq_len']}): "
           f"{row['value']:.3f}")
     return 0
+
+
+def _lazy(where: str) -> tuple[Any, Any]:
+    """A model read one decoder layer at a time from its safetensors files while it runs."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from lowrank_kit.models.adapters import adapter_for
+    from lowrank_kit.models.loading import build_lazily, load_lazily
+    from lowrank_kit.models.offload import Offloader
+    from lowrank_kit.persistence.saving import weight_files
+
+    if weight_files(Path(where)):  # a folder saved by lowrank-kit
+        model, files = build_lazily(Path(where))
+        tokenizer = AutoTokenizer.from_pretrained(where)
+    else:
+        model, tokenizer, files = load_lazily(where)
+    model.lowrank_offload = Offloader(model, adapter_for(model).layers, torch.device("cpu"), "disk", None, files)
+    return model, tokenizer
 
 
 def _ratios(text: str) -> list[float]:
@@ -206,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-fewshot", type=int, help="lm-eval few-shot examples (default: each task's own)")
     p.add_argument("--limit", type=int, help="lm-eval: at most this many examples per task")
     p.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size")
+    p.add_argument("--offload-disk", action="store_true",
+                   help="perplexity with one decoder layer in memory at a time, read from the safetensors files "
+                        "(a model bigger than memory; a GGUF alias is converted once)")
     p.add_argument("--dataset", default="austen-persuasion")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=8192)

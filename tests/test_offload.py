@@ -33,9 +33,12 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 
 def _run(tmp_path: Path, kind: str, offload: str, family: str = "llama", model: Any = None) -> Any:
+    """``offload``: a mode, or ``spill`` (disk, and every calibration activation spilled to files)."""
     raw = tiny_recipe(tmp_path, ratio=0.3, **RECIPES[kind])
     raw["output"]["dir"] = str(tmp_path / f"{kind}-{offload}")
-    raw["runtime"]["offload"] = offload
+    raw["runtime"]["offload"] = "disk" if offload == "spill" else offload
+    if offload == "spill":
+        raw["runtime"]["inputs_memory_mb"] = 0
     given = {"model": tiny_model(family), "tokenizer": ByteTokenizer()} if model is None else {}
     if model is not None:
         raw["model"]["path"] = str(model)
@@ -45,10 +48,10 @@ def _run(tmp_path: Path, kind: str, offload: str, family: str = "llama", model: 
 @pytest.mark.parametrize("kind", list(RECIPES))
 def test_offloading_gives_the_same_model_bit_for_bit(tmp_path: Path, kind: str) -> None:
     ids = sample_ids()
-    results = {mode: _run(tmp_path, kind, mode) for mode in ("none", "cpu", "disk")}
+    results = {mode: _run(tmp_path, kind, mode) for mode in ("none", "cpu", "disk", "spill")}
     reference = results["none"]
     logits = reference.model(ids).logits
-    for mode in ("cpu", "disk"):
+    for mode in ("cpu", "disk", "spill"):
         result = results[mode]
         assert result.report["achieved_ratio"] == reference.report["achieved_ratio"]
         assert [r["compressed"] for r in result.report["evaluation"]] == \
@@ -58,6 +61,8 @@ def test_offloading_gives_the_same_model_bit_for_bit(tmp_path: Path, kind: str) 
     disk = results["disk"].output_dir
     assert (disk / INDEX).is_file() and not (disk / "model.safetensors").exists()
     assert not any(p.name.startswith(".") for p in disk.parent.iterdir())  # no working folder left
+    assert results["spill"].report["notes"]["inputs_spilled_mb"] > 0
+    assert results["disk"].report["notes"]["offload"]["layer_reads"] > 0
 
 
 def test_disk_reads_a_saved_folder_lazily_and_matches(tmp_path: Path) -> None:
@@ -95,9 +100,28 @@ def test_unsupported_combinations_are_refused_before_any_work(tmp_path: Path) ->
     raw = tiny_recipe(tmp_path, **RECIPES["flat"])
     raw["runtime"]["offload"] = "disk"
     raw["output"]["save_model"] = False
-    with pytest.raises(RecipeError, match="output.save_model"):
+    with pytest.raises(RecipeError, match=r"output\.save_model"):
         compress(raw, progress=False, model=tiny_model("llama"), tokenizer=ByteTokenizer())
     raw = tiny_recipe(tmp_path, **RECIPES["flat"])
     raw["runtime"]["offload"] = "cloud"
-    with pytest.raises(RecipeError, match="runtime.offload"):
+    with pytest.raises(RecipeError, match=r"runtime\.offload"):
         compress(raw, progress=False, model=tiny_model("llama"), tokenizer=ByteTokenizer())
+
+
+def test_eval_reads_a_saved_model_layer_by_layer(tmp_path: Path) -> None:
+    """``lowrank-kit eval FOLDER --offload-disk``: the saved compressed model, lazily, same perplexity."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "dense"
+    tiny_model("llama").save_pretrained(folder)
+    byte_level_tokenizer().save_pretrained(folder)
+    run = _run(tmp_path, "flat", "none", model=folder)
+    printed = []
+    for extra in ([], ["--offload-disk"]):
+        proc = subprocess.run([sys.executable, "-m", "lowrank_kit.cli", "eval", str(run.output_dir), "--seq-len", "64",
+                               "--max-tokens", "512", *extra], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        printed.append(proc.stdout.strip().rsplit(":", 1)[1])
+    assert printed[0] == printed[1]
+    assert float(printed[0]) == pytest.approx(run.report["evaluation"][0]["compressed"], rel=1e-5)

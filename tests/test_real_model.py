@@ -116,3 +116,19 @@ def test_flrc_beats_uniform_svd_llm_and_decodes_progressively_after_reload(
     kwargs = {"max_new_tokens": 10, "min_new_tokens": 10, "do_sample": False, "pad_token_id": tokenizer.eos_token_id}
     assert torch.equal(flrc.model.generate(prompt, **kwargs), reloaded.generate(prompt, **kwargs))
     assert [f for _, f in reloaded.lowrank_decoder.trace] == [1.0] * 4 + [0.5] * 6
+
+
+def test_disk_offloading_reads_the_checkpoint_lazily_and_gives_the_same_model(tmp_path: Path,
+                                                                              svd_llm_run: Any) -> None:
+    """``runtime.offload: disk`` from the alias: the GGUF is converted once to safetensors, each
+    layer read while it is used; the perplexity equals the in-memory run's exactly."""
+    recipe = real_recipe(tmp_path, "svd_llm", 0.2, runtime={"accelerator": "cpu", "offload": "disk"})
+    recipe["output"]["cache_dir"] = None
+    disk = compress(recipe, progress=False)
+    assert disk.report["achieved_ratio"] == svd_llm_run.report["achieved_ratio"]
+    assert disk.report["evaluation"][0]["dense"] == svd_llm_run.report["evaluation"][0]["dense"]
+    assert disk.report["evaluation"][0]["compressed"] == svd_llm_run.report["evaluation"][0]["compressed"]
+    assert disk.report["notes"]["offload"]["layer_reads"] >= 30
+    ids = torch.arange(100, 164)[None]
+    with torch.no_grad():
+        assert torch.equal(disk.model(input_ids=ids).logits, load_pretrained(disk.output_dir)(input_ids=ids).logits)

@@ -268,8 +268,8 @@ def run_bench(recipes: list[str | Path], ratios: list[float], output: str | Path
             else:
                 engine = Engine(recipe, progress=progress, overwrite=True, store=store, checkpoint=False)
                 with PeakMemory() as memory:
-                    if previous is not None and previous.run.recipe.decode is None and recipe.runtime.offload == "none" \
-                            and same_compression(
+                    reusable = recipe.runtime.offload == "none"  # an offloaded model's layers are not all in memory
+                    if reusable and previous is not None and previous.run.recipe.decode is None and same_compression(
                             recipe, previous.run.recipe):
                         result = engine.run(reuse=previous)
                     else:

@@ -30,8 +30,8 @@ TESTED_FROM, TESTED_BELOW = Version("5.23.0"), Version("5.25")
 CACHE_KEYWORDS = ("cache", "past_key_values")
 
 __all__ = ["CACHE_KEYWORDS", "UnsupportedTransformers", "apply_rotary_pos_emb", "attention_function",
-           "cache_bytes", "cache_in", "cache_keyword", "check_version", "output_cache", "parameters_on_meta", "pop_cache",
-           "version_note"]
+           "cache_bytes", "cache_in", "cache_keyword", "check_version", "output_cache",
+           "parameters_on_meta", "pop_cache", "version_note"]
 
 
 class UnsupportedTransformers(RuntimeError):

@@ -170,13 +170,25 @@ def safetensors_folder(path: str, gguf_file: str | None = None, dtype: str = "fl
 def load_lazily(path: str, gguf_file: str | None = None, dtype: str = "float32") -> tuple[Any, Any, Any]:
     """(model, tokenizer, weight files): every decoder layer's parameters are meta tensors, read
     from the files when ``models.offload`` brings the layer in; the rest is read now."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from lowrank_kit.models import hf_compat
-    from lowrank_kit.models.offload import WeightFiles
+    from transformers import AutoTokenizer
 
     folder = safetensors_folder(path, gguf_file, dtype)
+    model, files = build_lazily(folder, dtype)
+    return model, AutoTokenizer.from_pretrained(folder), files
+
+
+def build_lazily(folder: Path, dtype: str = "float32") -> tuple[Any, Any]:
+    """The model of a safetensors folder (dense, or saved by lowrank-kit) with meta decoder layers,
+    and its weight files; everything outside the layers is read now."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lowrank_kit.models import hf_classes, hf_compat
+    from lowrank_kit.models.offload import WeightFiles
+
+    hf_classes.register()
     config = AutoConfig.from_pretrained(folder)
+    if (getattr(config, "lowrank", None) or {}).get("quantization"):
+        raise ValueError(f"'{folder}' holds int8 weights, which are not read layer by layer; load it whole")
     with hf_compat.parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
     files = WeightFiles(folder)
@@ -189,5 +201,4 @@ def load_lazily(path: str, gguf_file: str | None = None, dtype: str = "float32")
     left = [name for name, p in model.named_parameters() if p.is_meta and not name.startswith(prefix)]
     if left:
         raise ValueError(f"weights {left[:3]} are missing from '{folder}'")
-    model.eval()
-    return model, AutoTokenizer.from_pretrained(folder), files
+    return model.eval(), files

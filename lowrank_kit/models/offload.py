@@ -20,6 +20,7 @@ The numbers are the same as without offloading: the same tensors meet the same k
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import shutil
 from collections import Counter
@@ -87,6 +88,24 @@ def _to_meta(layer: nn.Module) -> None:
                 module._buffers[name] = torch.empty_like(buffer, device="meta")
 
 
+def return_freed_memory() -> None:
+    """Make glibc give large freed blocks back to the system at once (Linux only; no-op elsewhere).
+
+    glibc raises its mmap threshold to the size of the largest block freed so far (up to 32 MB),
+    so after the first layer is dropped, every later one is allocated on the heap, whose freed
+    space is kept: peak memory then grows layer by layer even though no layer stays alive
+    (measured on SmolLM2: 1.71 GB → 1.00 GB peak RSS under ``disk`` with a fixed 1 MB threshold).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        pass
+
+
+M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+
+
 def place_outer(model: nn.Module, layers: nn.ModuleList, device: torch.device) -> None:
     """Move every weight outside the decoder layers to ``device`` (tied tensors stay tied)."""
     inside = {id(t) for t in [*layers.parameters(), *layers.buffers()]}
@@ -128,8 +147,8 @@ class Offloader:
                  folder: Path | None = None, source: WeightFiles | None = None, dtype: torch.dtype = torch.float32):
         if mode not in MODES:
             raise ValueError(f"offload mode must be one of {MODES}, got {mode!r}")
-        if mode == "disk" and (folder is None or source is None):
-            raise ValueError("disk offloading needs a folder to write layers into and the dense weight files")
+        if mode == "disk" and source is None:
+            raise ValueError("disk offloading needs the weight files to read layers from")
         self.model, self.layers, self.device, self.mode = model, layers, device, mode
         self.folder, self.source, self.dtype = folder, source, dtype
         self.prefix = _prefix_of(model, layers)
@@ -223,7 +242,8 @@ class Offloader:
         layer.load_state_dict(state, strict=True, assign=True)
 
     def _write(self, index: int, layer: nn.Module) -> None:
-        assert self.folder is not None
+        if self.folder is None:
+            raise RuntimeError("this offloader only reads (no folder to write a changed layer into)")
         folder = self.folder / "layers" / f"{index:03d}"
         folder.mkdir(parents=True, exist_ok=True)
         state = {name: t.detach().cpu().contiguous() for name, t in layer.state_dict().items()}
@@ -294,5 +314,6 @@ class Offloader:
         self.remove_folder()
 
     def remove_folder(self) -> None:
-        if self.mode == "disk" and self.folder is not None:
+        """The working folder: transformed layers, dense layers of a model passed in, spilled activations."""
+        if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)

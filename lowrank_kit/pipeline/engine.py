@@ -40,8 +40,8 @@ from lowrank_kit.data.texts import (
 from lowrank_kit.evaluation.metrics import DECODE_INDEPENDENT, evaluate
 from lowrank_kit.extension.manager import run_manager
 from lowrank_kit.harness.speed import quick_compare
-from lowrank_kit.models.adapters import adapter_for
 from lowrank_kit.models import offload
+from lowrank_kit.models.adapters import adapter_for
 from lowrank_kit.models.loading import DTYPES, load_lazily, load_model
 from lowrank_kit.persistence import saving as io
 from lowrank_kit.persistence.checkpoint import Checkpoints
@@ -205,6 +205,8 @@ class Engine:
         self.checkpoints = Checkpoints.open(recipe.output_dir(), recipe, self.resume, fabric.global_rank == 0)
         mode = recipe.runtime.offload
         _check_offload(recipe)
+        if mode != "none":
+            offload.return_freed_memory()
         with self.phase("load"):
             source = None
             if model is None and mode == "disk":
@@ -219,10 +221,9 @@ class Engine:
             model.eval()
         # Beside the output, never in it: the partial folder becomes the output, and every process has its own.
         folder = recipe.output_dir().with_name(f".{recipe.output_dir().name}.offload-{fabric.global_rank}")
-        if mode == "disk":
-            shutil.rmtree(folder, ignore_errors=True)  # what a killed run left
-            if source is None:  # a model passed in: its dense layers become the files read back
-                source = offload.write_dense(model, adapter.layers, folder / "dense")
+        shutil.rmtree(folder, ignore_errors=True)  # what a killed run left
+        if mode == "disk" and source is None:  # a model passed in: its dense layers become the files read back
+            source = offload.write_dense(model, adapter.layers, folder / "dense")
         run = RunState(recipe=recipe, model=model, tokenizer=tokenizer, adapter=adapter, fabric=fabric,
                        calibration=torch.empty(0),
                        offload=offload.Offloader(model, adapter.layers, fabric.device, mode, folder, source,
@@ -360,6 +361,8 @@ class Engine:
         if fabric.global_rank == 0:
             with self.phase("save"):
                 io.write_model(run, checkpoints.folder)
+        if run.offload is not None and run.offload.mode != "none":
+            run.notes["offload"] = {"mode": run.offload.mode, "layer_reads": run.offload.loads}
         rep = report.build(run, dense_params, io.count_params(model), evaluations, self.timings)
         weights = io.weight_files(checkpoints.folder)
         if fabric.global_rank == 0 and weights:
@@ -369,11 +372,10 @@ class Engine:
         if fabric.global_rank == 0:
             saved = io.finish(run, checkpoints.folder, out_dir, rep, self.overwrite, files,
                               before_move=checkpoints.finish)
-        if run.offload is not None and run.offload.mode == "disk":
-            if saved is not None:
-                run.offload.reopen(saved)  # the returned model reads its layers from the saved shards
-            else:
-                run.offload.remove_folder()
+        if run.offload is not None and run.offload.mode == "disk" and saved is not None:
+            run.offload.reopen(saved)  # the returned model reads its layers from the saved shards
+        elif run.offload is not None:
+            run.offload.remove_folder()
         self._emit("on_run_end", rep)
         return Result(model=model, tokenizer=run.tokenizer, report=rep, output_dir=saved, run=run,
                       evaluations=evaluations, dense_params=dense_params)

@@ -34,7 +34,7 @@ from lowrank_kit.calibration.stats import Statistic, Tap
 from lowrank_kit.compressed.plan import RankPlan
 from lowrank_kit.persistence.checkpoint import Checkpoints
 from lowrank_kit.pipeline.cache import statistic_identity
-from lowrank_kit.pipeline.replay import LayerInputs, capture, run_layer
+from lowrank_kit.pipeline.replay import LayerInputs, Spill, capture, run_layer
 from lowrank_kit.pipeline.state import RunState
 from lowrank_kit.reporting.progress import Progress
 
@@ -107,6 +107,9 @@ class LayerPass:
     def __init__(self, ctx: PassContext):
         self.ctx = ctx
         self.inputs: list[LayerInputs] | None = None  # calibration batches at the current depth, on the CPU
+        run = ctx.run
+        folder = run.offload.folder / "inputs" if run.offload is not None and run.offload.folder else None
+        self.spill = Spill(folder, run.recipe.runtime.inputs_memory_mb)
 
     @torch.no_grad()
     def run(self) -> None:
@@ -132,6 +135,9 @@ class LayerPass:
                 if checkpoints is not None:
                     checkpoints.save_layer(run, index)
             ctx.emit("on_layer_end", index)
+        self.spill.close()
+        if self.spill.written:
+            run.notes["inputs_spilled_mb"] = round(self.spill.written / 2**20, 1)
 
     def restored(self, index: int) -> bool:
         return self.ctx.checkpoints is not None and self.ctx.checkpoints.has(index)
@@ -158,8 +164,9 @@ class LayerPass:
         skip = run.offload.bypass() if run.offload else contextlib.nullcontext()
         with tap.paused(), skip:  # the recorders pass embeddings through every layer (weights unused)
             inputs = [capture(run.model, run.adapter.layers, batch) for batch in self.ctx.batches()]
-        for item in inputs:
-            item.hidden = item.hidden.cpu()  # one layer's activations, off the accelerator
+        self.spill.decide(len(inputs), inputs[0].hidden)
+        for slot, item in enumerate(inputs):
+            item.hidden = self.spill.keep(slot, item.hidden)  # one layer's activations, off the accelerator
         return inputs
 
     def advance_dense(self, index: int) -> dict[str, Statistic]:
@@ -168,12 +175,17 @@ class LayerPass:
         run, tap = self.ctx.run, self.collect(index)
         if self.inputs is None:
             self.inputs = self.capture_inputs(tap)
-        for item in self.inputs:
-            item.hidden = self.forward_layer(index, item).cpu()
+        self.advance(index)
         gathered = tap.close(self.ctx.reduce())
         _check_finite(run, index, gathered)
         run.stats.update(gathered)
         return gathered
+
+    def advance(self, index: int) -> None:
+        """Move every calibration batch's activations on through layer ``index``."""
+        assert self.inputs is not None
+        for slot, item in enumerate(self.inputs):
+            item.hidden = self.spill.keep(slot, self.forward_layer(index, item))
 
     def forward_layer(self, index: int, item: LayerInputs) -> torch.Tensor:
         run = self.ctx.run
@@ -201,9 +213,9 @@ class SequentialPass(LayerPass):
         if tap.stats:
             if self.inputs is None:
                 self.inputs = self.capture_inputs(tap)
-            for item in self.inputs:
+            for slot, item in enumerate(self.inputs):
                 for earlier in range(self.depth, index):
-                    item.hidden = self.forward_layer(earlier, item).cpu()
+                    item.hidden = self.spill.keep(slot, self.forward_layer(earlier, item))
                 self.forward_layer(index, item)
             self.depth = index
         return tap.close(self.ctx.reduce())
@@ -244,8 +256,7 @@ class DenseInputPass(LayerPass):
         if index < self.last_missing:
             if self.inputs is None:
                 self.inputs = self.capture_inputs(Tap())
-            for item in self.inputs:
-                item.hidden = self.forward_layer(index, item).cpu()
+            self.advance(index)
 
     def gather(self, index: int, tap: Tap) -> dict[str, Statistic]:
         run = self.ctx.run
@@ -254,8 +265,7 @@ class DenseInputPass(LayerPass):
             if self.inputs is None:
                 self.inputs = self.capture_inputs(tap)
             with tap.paused() if found is not None else contextlib.nullcontext():
-                for item in self.inputs:
-                    item.hidden = self.forward_layer(index, item).cpu()
+                self.advance(index)
         if found is not None:
             tap.close()
             return found
@@ -295,6 +305,7 @@ class ErrorCurvePass(LayerPass):
                     run.stats.pop(key, None)
         finally:
             run.plan, run.planning, run.dense_statistics = plan, False, dense_statistics
+            self.spill.close()
 
 
 class LayerLossPass(LayerPass):

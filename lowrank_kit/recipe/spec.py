@@ -184,12 +184,18 @@ class RuntimeSpec:
         "where decoder layers live between uses: none (all on the device), cpu (host memory, each moved "
         "to the device while used), disk (read lazily from safetensors, written back once transformed)",
         default="none")
+    inputs_memory_mb: float | None = _help(
+        "calibration activations held in memory between layers, at most (MB); more are written to "
+        "memory-mapped files beside the output (null: always in memory)", default=None)
 
     def check(self, path: str) -> None:
         if self.devices < 1:
             raise RecipeError(join(path, "devices"), f"must be at least 1, got {self.devices}")
         if self.num_nodes < 1:
             raise RecipeError(join(path, "num_nodes"), f"must be at least 1, got {self.num_nodes}")
+        if self.inputs_memory_mb is not None and self.inputs_memory_mb < 0:
+            raise RecipeError(join(path, "inputs_memory_mb"),
+                              f"must be at least 0 (or null), got {self.inputs_memory_mb}")
         if self.backward_chunk < 1:
             raise RecipeError(join(path, "backward_chunk"), f"must be at least 1, got {self.backward_chunk}")
 
