@@ -268,3 +268,24 @@ def test_ctrl_c_or_sigterm_says_where_and_what_is_kept(tmp_path: Path, sig: int)
     assert re.fullmatch(rf"interrupted during compress at decoder layer (\d): \1 finished decoder layers are kept "
                         rf"in '{re.escape(str(partial))}'; rerun with --resume to continue", last), err[-2000:]
     assert "Traceback" not in err
+
+
+def test_a_disk_offloaded_run_resumes_to_the_same_model(tmp_path: Path) -> None:
+    """Killed under ``runtime.offload: disk``: the finished layers come back from the checkpoints
+    into the meta layers, and the result equals an uninterrupted in-memory run's."""
+    import torch
+
+    from lowrank_kit.persistence.saving import load_pretrained
+
+    reference = run(recipe(tmp_path, "flat", "reference"))
+    raw = recipe(tmp_path, "flat", "resumed")
+    raw["runtime"]["offload"] = "disk"
+    with pytest.raises(KeyboardInterrupt):
+        run(raw, callbacks=[StopAt(layer=3)])
+    assert not any(".offload-" in p.name for p in tmp_path.iterdir())  # the working folder went with the failure
+    resumed = run(raw, resume=True)
+    assert resumed.report["notes"]["resumed"] == {"from_layer": 3}
+    ids = torch.arange(10, 58)[None]
+    with torch.no_grad():
+        assert torch.equal(load_pretrained(resumed.output_dir)(ids).logits,
+                           load_pretrained(reference.output_dir)(ids).logits)
