@@ -48,10 +48,11 @@ def _run(tmp_path: Path, kind: str, offload: str, family: str = "llama", model: 
 @pytest.mark.parametrize("kind", list(RECIPES))
 def test_offloading_gives_the_same_model_bit_for_bit(tmp_path: Path, kind: str) -> None:
     ids = sample_ids()
-    results = {mode: _run(tmp_path, kind, mode) for mode in ("none", "cpu", "disk", "spill")}
+    modes = ("none", "cpu", "disk", "spill") if kind == "flat" else ("none", "disk", "spill")  # cpu: hooks only here
+    results = {mode: _run(tmp_path, kind, mode) for mode in modes}
     reference = results["none"]
     logits = reference.model(ids).logits
-    for mode in ("cpu", "disk", "spill"):
+    for mode in modes[1:]:
         result = results[mode]
         assert result.report["achieved_ratio"] == reference.report["achieved_ratio"]
         assert [r["compressed"] for r in result.report["evaluation"]] == \
