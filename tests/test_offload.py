@@ -36,6 +36,7 @@ def _run(tmp_path: Path, kind: str, offload: str, family: str = "llama", model: 
     """``offload``: a mode, or ``spill`` (disk, and every calibration activation spilled to files)."""
     raw = tiny_recipe(tmp_path, ratio=0.3, **RECIPES[kind])
     raw["output"]["dir"] = str(tmp_path / f"{kind}-{offload}")
+    raw["output"]["cache_dir"] = str(tmp_path / f"cache-{offload}")  # every pass runs offloaded, none from a cache
     raw["runtime"]["offload"] = "disk" if offload == "spill" else offload
     if offload == "spill":
         raw["runtime"]["inputs_memory_mb"] = 0

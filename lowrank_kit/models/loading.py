@@ -9,6 +9,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,7 +164,12 @@ def safetensors_folder(path: str, gguf_file: str | None = None, dtype: str = "fl
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     del model
-    partial.rename(target)
+    try:
+        partial.rename(target)
+    except OSError:  # another process converted it first
+        shutil.rmtree(partial, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
     return target
 
 
@@ -177,9 +183,10 @@ def load_lazily(path: str, gguf_file: str | None = None, dtype: str = "float32")
     return model, AutoTokenizer.from_pretrained(folder), files
 
 
-def build_lazily(folder: Path, dtype: str = "float32") -> tuple[Any, Any]:
+def build_lazily(folder: Path, dtype: str | None = None) -> tuple[Any, Any]:
     """The model of a safetensors folder (dense, or saved by lowrank-kit) with meta decoder layers,
-    and its weight files; everything outside the layers is read now."""
+    and its weight files; everything outside the layers is read now. ``dtype``: the config's
+    (the saved one) when not given."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from lowrank_kit.models import hf_classes, hf_compat
@@ -189,6 +196,9 @@ def build_lazily(folder: Path, dtype: str = "float32") -> tuple[Any, Any]:
     config = AutoConfig.from_pretrained(folder)
     if (getattr(config, "lowrank", None) or {}).get("quantization"):
         raise ValueError(f"'{folder}' holds int8 weights, which are not read layer by layer; load it whole")
+    saved = getattr(config, "dtype", None)
+    dtype = dtype or (saved if isinstance(saved, str) and saved in DTYPES else str(saved).removeprefix("torch."))
+    dtype = dtype if dtype in DTYPES else "float32"
     with hf_compat.parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
     files = WeightFiles(folder)

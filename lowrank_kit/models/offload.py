@@ -7,8 +7,8 @@
 - ``disk``: as ``cpu``, and a layer off the device holds no memory at all: its parameters are
   meta tensors, read back from a safetensors file when the layer is needed (the dense
   checkpoint at first, the layer's own file once it has been transformed). Embeddings, norm and
-  head stay in host memory. Peak memory is then the non-layer weights, one or two layers, and
-  the calibration activations.
+  head stay on the device, as under ``cpu``. Peak host memory is then the non-layer weights
+  (on a CPU run), one or two layers, and the calibration activations.
 
 Forward hooks bring a layer in for its forward and put it back afterwards, so every forward
 the pipeline runs (calibration replay, scoring, evaluation, generation) works unchanged; work
@@ -39,8 +39,8 @@ INDEX = "model.safetensors.index.json"
 class WeightFiles:
     """The tensors of a safetensors checkpoint (one file, or shards with an index), read on demand.
 
-    Each read opens the file, copies the tensors asked for and closes it again, so nothing of
-    the file stays mapped into the process between reads.
+    Each read opens the file, copies the tensors asked for out of its mapping and closes it
+    again, so nothing of the file stays mapped into the process between reads.
     """
 
     def __init__(self, folder: Path):
@@ -57,7 +57,8 @@ class WeightFiles:
                 with safe_open(str(file), framework="pt") as f:
                     self.where.update({name: file for name in f.keys()})  # noqa: SIM118 (not a dict)
 
-    def read(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    def read(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The named tensors, floating ones in ``dtype`` when given, each in memory of its own."""
         by_file: dict[Path, list[str]] = {}
         for name in names:
             if name not in self.where:
@@ -67,8 +68,9 @@ class WeightFiles:
         for file, wanted in by_file.items():
             with safe_open(str(file), framework="pt") as f:
                 for name in wanted:
-                    tensor = f.get_tensor(name)
-                    out[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+                    tensor = f.get_tensor(name)  # a view of the file's mapping
+                    cast = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+                    out[name] = cast.clone() if cast.data_ptr() == tensor.data_ptr() else cast
         return out
 
 
@@ -183,10 +185,12 @@ class Offloader:
     def layer(self, index: int, changed: bool = False) -> Iterator[nn.Module]:
         """Layer ``index`` on the device for the block; ``changed``: its weights are new (write them out)."""
         self._enter(index)
+        finished = False
         try:
             yield self.layers[index]
+            finished = True
         finally:
-            if changed:
+            if changed and finished:  # a block that failed leaves nothing worth writing
                 self.changed.add(index)
             self._exit(index)
 
@@ -212,10 +216,14 @@ class Offloader:
         if self.count[index] > 1 or self.mode == "none":
             return
         layer = self.layers[index]
-        if self.mode == "disk":
-            self._read(index, layer)
-        if self.device.type != "cpu":
-            layer.to(self.device)
+        try:
+            if self.mode == "disk":
+                self._read(index, layer)
+            if self.device.type != "cpu":
+                layer.to(self.device)
+        except BaseException:
+            self.count[index] -= 1
+            raise
 
     def _exit(self, index: int) -> None:
         self.count[index] -= 1
@@ -233,12 +241,15 @@ class Offloader:
 
     def _read(self, index: int, layer: nn.Module) -> None:
         self.loads += 1
-        names = list(layer.state_dict().keys())
+        placeholders = layer.state_dict()
+        names = list(placeholders)
         if index in self.files:
-            state = WeightFiles(self.files[index]).read(names, self.dtype)
+            state = WeightFiles(self.files[index]).read(names)
         else:
-            full = self.source.read([f"{self.prefix}{index}.{n}" for n in names], self.dtype)  # type: ignore[union-attr]
+            full = self.source.read([f"{self.prefix}{index}.{n}" for n in names])  # type: ignore[union-attr]
             state = {n: full[f"{self.prefix}{index}.{n}"] for n in names}
+        # each tensor in the dtype the model holds it in (a checkpoint may store another)
+        state = {n: t.to(placeholders[n].dtype) for n, t in state.items()}
         layer.load_state_dict(state, strict=True, assign=True)
 
     def _write(self, index: int, layer: nn.Module) -> None:
@@ -246,11 +257,11 @@ class Offloader:
             raise RuntimeError("this offloader only reads (no folder to write a changed layer into)")
         folder = self.folder / "layers" / f"{index:03d}"
         folder.mkdir(parents=True, exist_ok=True)
-        state = {name: t.detach().cpu().contiguous() for name, t in layer.state_dict().items()}
-        shared = len({t.data_ptr() for t in state.values() if t.numel()}) < sum(1 for t in state.values() if t.numel())
-        if shared:  # tied tensors would be written twice and come back untied
+        tensors = [t for t in layer.state_dict().values() if t.numel()]
+        if len({t.data_ptr() for t in tensors}) < len(tensors):  # tied ones would come back untied
             raise NotImplementedError(f"decoder layer {index} ties two of its tensors; disk offloading cannot "
                                       "write it (use runtime.offload: cpu)")
+        state = {name: t.detach().cpu().contiguous() for name, t in layer.state_dict().items()}
         tmp = folder / ".layer.tmp"
         save_file(state, str(tmp))
         tmp.replace(folder / "layer.safetensors")

@@ -93,6 +93,7 @@ def save_model_files(model: Any, tokenizer: Any, folder: Path, extra: dict[str, 
     if quantization.has_quantized(model):
         quantization.save(model, folder / WEIGHTS)
     elif offload is not None and offload.mode == "disk":
+        (folder / WEIGHTS).unlink(missing_ok=True)  # one weight format per folder
         offload.save_shards(folder, metadata={"format": "pt"})
     else:  # drops the duplicate names of tied tensors; "pt" is what transformers writes and expects
         save_model(model, str(folder / WEIGHTS), metadata={"format": "pt"})

@@ -235,6 +235,9 @@ class Engine:
     def _reuse(self, earlier: Result) -> Result:
         """Decode, evaluate and save a copy of an earlier run's compressed model (see ``run``)."""
         recipe, before = self.recipe, earlier.run.recipe
+        if before.runtime.offload != "none":
+            raise ValueError(f"cannot reuse run '{before.name}': its layers were offloaded (runtime.offload: "
+                             f"{before.runtime.offload}), so its model is not all in memory to copy")
         if before.decode is not None or not same_compression(recipe, before):
             raise ValueError(f"cannot reuse run '{before.name}': only a run without decode whose recipe differs "
                              "at most in decode, name and output can be reused")
@@ -479,9 +482,9 @@ def _check_offload(recipe: Recipe) -> None:
     if getattr(recipe.allocate.args, "refine", 0):
         raise RecipeError("allocate.refine", f"a refined plan is not measured under runtime.offload: {mode} yet; "
                                              "drop refine or set runtime.offload: none")
-    if mode == "disk" and recipe.quantize.weights != "none":
-        raise RecipeError("quantize.weights", "int8 quantisation is not done under runtime.offload: disk yet; "
-                                              "quantise the saved model, or use runtime.offload: cpu")
+    if recipe.quantize.weights != "none":
+        raise RecipeError("quantize.weights", f"int8 quantisation is not done under runtime.offload: {mode} yet; "
+                                              "quantise the saved model, or use runtime.offload: none")
     if mode == "disk" and not recipe.output.save_model:
         raise RecipeError("output.save_model", "runtime.offload: disk keeps the compressed layers in the saved "
                                                "model's files; set output.save_model: true")

@@ -73,7 +73,14 @@ class ScoringPass:
         tap = Tap()
         ctx.pm.hook.lowrank_collect_dense(run=run, tap=tap)
         label = "score (forward + backward)" if tap.backward else "score"
-        resident = run.offload.everything() if tap.backward and run.offload else contextlib.nullcontext()
+        resident = contextlib.ExitStack()
+        if tap.backward and run.offload is not None and run.offload.active:
+            # A backward pass needs every layer's weights at once, and the statistics must watch the
+            # parameters those layers hold while in (not the placeholders of offloaded ones).
+            tap.close()
+            resident.enter_context(run.offload.everything())
+            tap = Tap()
+            ctx.pm.hook.lowrank_collect_dense(run=run, tap=tap)
         with resident, _gradients_only_for(run.model, tap.grad_params, tap.activation_grads):
             for batch in ctx.progress(ctx.batches(), ctx.batch_count, label):
                 if tap.backward:
@@ -184,8 +191,9 @@ class LayerPass:
     def advance(self, index: int) -> None:
         """Move every calibration batch's activations on through layer ``index``."""
         assert self.inputs is not None
-        for slot, item in enumerate(self.inputs):
-            item.hidden = self.spill.keep(slot, self.forward_layer(index, item))
+        with self.ctx.run.layer_in(index):
+            for slot, item in enumerate(self.inputs):
+                item.hidden = self.spill.keep(slot, self.forward_layer(index, item))
 
     def forward_layer(self, index: int, item: LayerInputs) -> torch.Tensor:
         run = self.ctx.run
@@ -213,9 +221,9 @@ class SequentialPass(LayerPass):
         if tap.stats:
             if self.inputs is None:
                 self.inputs = self.capture_inputs(tap)
-            for slot, item in enumerate(self.inputs):
-                for earlier in range(self.depth, index):
-                    item.hidden = self.spill.keep(slot, self.forward_layer(earlier, item))
+            for earlier in range(self.depth, index):  # layer by layer: an offloaded one is read once
+                self.advance(earlier)
+            for item in self.inputs:
                 self.forward_layer(index, item)
             self.depth = index
         return tap.close(self.ctx.reduce())
