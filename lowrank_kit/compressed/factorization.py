@@ -87,7 +87,9 @@ class ProjectionFactorization(Strategy):
         W ≈ Σᵢ aᵢ bᵢᵀ with orthogonal aᵢ (columns of U Σ½), so dropping components i ≥ r costs
         ‖Σ_{i≥r} aᵢ bᵢᵀ X‖² = Σ_{i≥r} ‖aᵢ‖² · bᵢᵀ (XᵀX) bᵢ (the cross terms vanish); for SVD-LLM's
         whitened spectrum this is exactly σᵢ². In weight space the same components cost
-        ‖aᵢ‖²‖bᵢ‖² each (``weight_error``; exact too, as the aᵢ are orthogonal).
+        ‖aᵢ‖²‖bᵢ‖² each (``weight_error``; exact too, as the aᵢ are orthogonal). For a tall
+        weight the aᵢ of components below ~1e-8·σ₁ are only nearly orthogonal (``thin_svd``), so
+        the tail of the curve is exact to that level, far below any error that decides a rank.
         """
         curves = []
         for unit in run.units_of(self.name, layer):
