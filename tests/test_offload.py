@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import ByteTokenizer, tiny_recipe
+from test_resume import RECIPES as RESUMED
 
 from lowrank_kit.api import compress
 from lowrank_kit.models.offload import INDEX, Offloader, WeightFiles, write_dense
@@ -18,9 +19,7 @@ from lowrank_kit.testing import byte_level_tokenizer, sample_ids, tiny_model
 
 RECIPES: dict[str, dict[str, Any]] = {
     # sequential statistics and a forward-only score (FLAT-LLM's shape)
-    "flat": {"score": "angular_importance", "allocate": "iprs",
-             "transform": [{"plugin": "headwise_pca", "targets": ["v_proj", "o_proj"]},
-                           {"plugin": "nystrom", "targets": ["gate_proj", "up_proj", "down_proj"]}]},
+    "flat": RESUMED["flat"],
     # a backward-pass score and the dense model's statistics (FLRC's shape)
     "fisher": {"calibration": {"dataset": "austen-emma", "samples": 8, "seq_len": 64, "seed": 0, "batch_size": 4,
                                "pipeline": "dense_input"},
