@@ -146,13 +146,13 @@ class Offloader:
     """
 
     def __init__(self, model: nn.Module, layers: nn.ModuleList, device: torch.device, mode: str,
-                 folder: Path | None = None, source: WeightFiles | None = None, dtype: torch.dtype = torch.float32):
+                 folder: Path | None = None, source: WeightFiles | None = None):
         if mode not in MODES:
             raise ValueError(f"offload mode must be one of {MODES}, got {mode!r}")
         if mode == "disk" and source is None:
             raise ValueError("disk offloading needs the weight files to read layers from")
         self.model, self.layers, self.device, self.mode = model, layers, device, mode
-        self.folder, self.source, self.dtype = folder, source, dtype
+        self.folder, self.source = folder, source
         self.prefix = _prefix_of(model, layers)
         self.files: dict[int, Path] = {}  # layers written by this run (their transformed weights)
         self.count: Counter[int] = Counter()

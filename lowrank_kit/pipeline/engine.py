@@ -42,7 +42,7 @@ from lowrank_kit.extension.manager import run_manager
 from lowrank_kit.harness.speed import quick_compare
 from lowrank_kit.models import offload
 from lowrank_kit.models.adapters import adapter_for
-from lowrank_kit.models.loading import DTYPES, load_lazily, load_model
+from lowrank_kit.models.loading import load_lazily, load_model
 from lowrank_kit.persistence import saving as io
 from lowrank_kit.persistence.checkpoint import Checkpoints
 from lowrank_kit.pipeline.cache import Cache, DenseStore, fingerprint
@@ -226,8 +226,7 @@ class Engine:
             source = offload.write_dense(model, adapter.layers, folder / "dense")
         run = RunState(recipe=recipe, model=model, tokenizer=tokenizer, adapter=adapter, fabric=fabric,
                        calibration=torch.empty(0),
-                       offload=offload.Offloader(model, adapter.layers, fabric.device, mode, folder, source,
-                                                 DTYPES[recipe.model.dtype]))
+                       offload=offload.Offloader(model, adapter.layers, fabric.device, mode, folder, source))
         self.run_state = run
         self._emit("on_run_start")
         return run, pm
