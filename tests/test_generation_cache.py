@@ -93,3 +93,44 @@ def test_the_tested_range_is_the_declared_one() -> None:
     declared = next(Requirement(r).specifier for r in project["dependencies"] if r.startswith("transformers"))
     assert {(s.operator, Version(s.version)) for s in declared} == {
         (">=", hf_compat.TESTED_FROM), ("<", hf_compat.TESTED_BELOW)}
+
+
+@pytest.mark.parametrize("one_thread", [True, False])
+@pytest.mark.parametrize("mask", ["none", "bool", "additive"])
+def test_one_query_attention_equals_sdpa(monkeypatch: pytest.MonkeyPatch, one_thread: bool, mask: str) -> None:
+    """The decoding path of value-dim attention computes what SDPA computes, on one thread or all."""
+    from torch.nn import functional as F
+
+    from lowrank_kit.models import attention
+
+    monkeypatch.setattr(attention, "ONE_THREAD_MACS", 10**12 if one_thread else 0)
+    threads = torch.get_num_threads()
+    generator = torch.Generator().manual_seed(3)
+    query, key = torch.randn(2, 6, 1, 8, generator=generator), torch.randn(2, 2, 11, 8, generator=generator)
+    value = torch.randn(2, 2, 11, 5, generator=generator)
+    keep = torch.ones(2, 1, 1, 13, dtype=torch.bool)  # longer than the keys, as transformers' masks may be
+    keep[0, ..., :4] = False  # a left-padded row
+    given = {"none": None, "bool": keep,
+             "additive": torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)}[mask]
+    got = attention._one_query(query, key, value, given, 0.3)
+    expected = F.scaled_dot_product_attention(query, key, value, None if given is None else keep[..., :11],
+                                              scale=0.3, enable_gqa=True)
+    assert got.shape == (2, 1, 6, 5)
+    torch.testing.assert_close(got, expected.transpose(1, 2), rtol=1e-5, atol=1e-6)
+    assert torch.get_num_threads() == threads  # put back after a one-thread call
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padded_batch_decoding_equals_a_full_forward(tmp_path: Path, family: str) -> None:
+    """A left-padded batch, one cached step: the step's logits equal those of a full forward."""
+    recipe = tiny_recipe(tmp_path, "headwise_pca", 0.1, evaluate=[])
+    model = compress(recipe, model=tiny_model(family), tokenizer=ByteTokenizer()).model
+    ids = sample_ids(n=2, length=13, seed=4)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    with torch.no_grad():
+        prefill = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True)
+        cache = {hf_compat.cache_keyword(type(model)): hf_compat.output_cache(prefill)}
+        step = model(input_ids=ids[:, -1:], attention_mask=mask, use_cache=True, **cache).logits[:, -1]
+        full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -1]
+    torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-5)

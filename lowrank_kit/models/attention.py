@@ -73,6 +73,9 @@ class ValueDimAttention(SliceableRank):
                 value = F.pad(value, (0, rank - active))
             key, value = cache.update(key, value, module.layer_idx)
             value = value[..., :active]
+        if _one_query_applies(module, query, attention_mask):
+            output = _one_query(query, key, value, attention_mask, module.scaling)
+            return self._project(output.transpose(-1, -2).reshape(*input_shape, -1), active), None
         attend = hf_compat.attention_function(module)
         # Gemma3/Qwen2 modules carry their own window (None on global layers); Mistral reads its config.
         if hasattr(module, "sliding_window"):
@@ -93,13 +96,61 @@ class ValueDimAttention(SliceableRank):
         if pad > 0:
             output = output[..., :active]
         output = output.transpose(-1, -2).reshape(*input_shape, -1)  # [B, T, active·H], rank-major
-        o = module.o_proj
-        if active == rank:
-            return o(output), weights
-        return F.linear(output, o.weight[:, : output.shape[-1]], o.bias), weights
+        return self._project(output, active), weights
+
+    def _project(self, output: torch.Tensor, active: int) -> torch.Tensor:
+        """o_proj on the rank-major [.., active·H] attention output (its first columns when sliced)."""
+        o: Any = self.o_proj  # type: ignore[attr-defined]
+        if active == self.v_head_dim:
+            return o(output)
+        return F.linear(output, o.weight[:, : output.shape[-1]], o.bias)
 
     def spec(self) -> dict[str, Any]:
         return {"kind": "value_dim_attention", "v_head_dim": self.v_head_dim, "layout": "rank_major"}
+
+
+# Below this many multiply-adds one thread finishes a decoding query's attention first: waking
+# the other OpenMP threads costs more than the work. Measured on a 2-core CPU under
+# OMP_WAIT_POLICY=PASSIVE with SmolLM2's shapes (benchmarks/decode_attention.py), one thread vs
+# two: batch 1 × 160 keys (0.16 M) 118 vs 530 µs; 32 × 160 (5 M) 1,109 vs 1,727; 8 × 2,048
+# (16 M) 4,370 vs 3,488.
+ONE_THREAD_MACS = 8_000_000
+
+
+def _one_query_applies(module: Any, query: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """A single query at inference, no logit soft-cap, a mask shared by the heads (or none)."""
+    return (query.shape[-2] == 1 and not module.training
+            and getattr(module.config, "attn_logit_softcapping", None) is None
+            and (mask is None or (mask.dim() == 4 and mask.shape[1] == 1)))
+
+
+def _one_query(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+               scaling: float) -> torch.Tensor:
+    """Attention of a single decoding query, [B, H, 1, d] against [B, G, T, d] keys and
+    [B, G, T, r] values, as [B, 1, H, r] (the layout the attention kernels return).
+
+    SDPA has no fused kernel for a value dim different from the key dim: at one query its math
+    path is 4× slower than the dense model's fused one. Here the H/G query heads of a KV group
+    are one matrix against the group's keys (no copies of the cache), then softmax, then values.
+    """
+    b, heads, _, d = query.shape
+    groups, t = key.shape[1], key.shape[-2]
+    macs = b * heads * t * (d + value.shape[-1])
+    threads = torch.get_num_threads()
+    one_thread = query.device.type == "cpu" and threads > 1 and macs < ONE_THREAD_MACS
+    if one_thread:
+        torch.set_num_threads(1)
+    try:
+        scores = torch.matmul(query.reshape(b, groups, heads // groups, d), key.transpose(-1, -2)) * scaling
+        if mask is not None:  # [B, 1, 1, ≥T]: boolean (True: attend) for SDPA, additive for eager
+            mask = mask[..., :t]
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+        output = torch.matmul(probs, value)  # [B, G, H/G, r]
+    finally:
+        if one_thread:
+            torch.set_num_threads(threads)
+    return output.reshape(b, 1, heads, -1)
 
 
 @functools.cache
