@@ -137,9 +137,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_speed(args: argparse.Namespace) -> int:
-    from lowrank_kit.harness.speed import REGIMES, run_speed
+    from lowrank_kit.harness.speed import run_speed, select
 
-    regimes = tuple(r for r in REGIMES if not args.regimes or r.kind in args.regimes)
+    try:
+        regimes = select(args.regimes)
+    except ValueError as error:
+        print(f"error: --regimes: {error}", file=sys.stderr)
+        return 2
     run_speed([Path(f) for f in args.folders], Path(args.output), args.repeats, regimes, args.device, args.dtype,
               not args.no_memory, say=(lambda _: None) if args.quiet else (lambda m: print(m, file=sys.stderr)))
     print(Path(args.output, "speed.md").read_text())
@@ -241,7 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folders", nargs="+", help="folders written by compress (each against its own dense model)")
     p.add_argument("--output", default="runs/speed", help="where speed.md, speed.json and speed.png go")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per regime and model, after a warm-up")
-    p.add_argument("--regimes", nargs="+", choices=["prefill", "decode"], help="measure only these")
+    p.add_argument("--regimes", nargs="+", metavar="REGIME",
+                   help="measure only these: prefill, decode, or one of prefill-1x512, prefill-8x512, "
+                        "prefill-1x2048, prefill-8x2048, decode-1, decode-8, decode-32")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast both models (default: as saved)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")

@@ -103,3 +103,11 @@ def test_the_memory_probe_reports_its_own_peak_not_its_parents() -> None:
         child = pool.apply(speed.peak_rss_mb)
     assert child < speed.peak_rss_mb() - 400
     del hog
+
+
+def test_regimes_are_picked_by_kind_or_name() -> None:
+    assert speed.select(None) == speed.REGIMES
+    assert [r.name for r in speed.select(["decode"])] == ["decode-1", "decode-8", "decode-32"]
+    assert [r.name for r in speed.select(["prefill-8x512", "decode-1"])] == ["prefill-8x512", "decode-1"]
+    with pytest.raises(ValueError, match="unknown regime 'decode-4'; choose from"):
+        speed.select(["decode-4"])

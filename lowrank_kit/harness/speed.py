@@ -52,6 +52,11 @@ class Regime:
         return f"decode batch {self.batch} ({self.tokens}-token prompt, {self.steps} steps)"
 
     @property
+    def name(self) -> str:
+        """What ``--regimes`` calls it: ``prefill-8x512``, ``decode-32``."""
+        return f"prefill-{self.batch}x{self.tokens}" if self.kind == "prefill" else f"decode-{self.batch}"
+
+    @property
     def timed_tokens(self) -> int:
         return self.batch * (self.tokens if self.kind == "prefill" else self.steps)
 
@@ -61,6 +66,17 @@ REGIMES = (
     Regime("decode", 1, 128, 32), Regime("decode", 8, 128, 32), Regime("decode", 32, 128, 32),
 )
 MEMORY_TOKENS = 2048
+
+
+def select(names: list[str] | None) -> tuple[Regime, ...]:
+    """The regimes a list of kinds (``prefill``, ``decode``) or names (``prefill-8x512``) picks; all for none."""
+    if not names:
+        return REGIMES
+    known = {r.kind for r in REGIMES} | {r.name for r in REGIMES}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown regime '{unknown[0]}'; choose from {', '.join(sorted(known))}")
+    return tuple(r for r in REGIMES if r.kind in names or r.name in names)
 
 
 # --- The limits the shapes allow -------------------------------------------------------------
