@@ -19,6 +19,7 @@ cache under an unknown keyword is an error, never a forward that ignores its cac
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import torch
@@ -109,12 +110,14 @@ class ValueDimAttention(SliceableRank):
         return {"kind": "value_dim_attention", "v_head_dim": self.v_head_dim, "layout": "rank_major"}
 
 
-# Below this many multiply-adds one thread finishes a decoding query's attention first: waking
-# the other OpenMP threads costs more than the work. Measured on a 2-core CPU under
-# OMP_WAIT_POLICY=PASSIVE with SmolLM2's shapes (benchmarks/decode_attention.py), one thread vs
-# two: batch 1 × 160 keys (0.16 M) 118 vs 530 µs; 32 × 160 (5 M) 1,109 vs 1,727; 8 × 2,048
-# (16 M) 4,370 vs 3,488.
-ONE_THREAD_MACS = 8_000_000
+# Below this many multiply-adds a decoding query's attention runs on one thread when OpenMP's
+# threads sleep between parallel regions (OMP_WAIT_POLICY=PASSIVE, read by OpenMP at start-up):
+# waking them costs more than the work. With spinning threads (ACTIVE, or the default) every
+# thread helps at every size. Measured on a 2-core CPU with SmolLM2's shapes
+# (benchmarks/decode_attention.py), one thread vs two, PASSIVE: batch 1 × 160 keys (0.16 M)
+# 103 vs 520 µs, 32 × 160 (5 M) 1,062 vs 1,067, 8 × 2,048 (16 M) 4,206 vs 3,254; ACTIVE:
+# 1 × 160 143 vs 126, 32 × 160 1,301 vs 628.
+ONE_THREAD_MACS = 8_000_000 if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" else 0
 
 
 def _one_query_applies(module: Any, query: torch.Tensor, mask: torch.Tensor | None) -> bool:
