@@ -22,6 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 from torch.nn import functional as F
 
+from lowrank_kit.compressed import modules
 from lowrank_kit.models import attention
 
 HEADS, GROUPS, KEY_DIM = 9, 3, 64
@@ -46,6 +47,7 @@ def main() -> None:
     print("| batch × context | MACs | SDPA, value dim 64 | SDPA, value dim r | one-query, 1 thread "
           "| one-query, all threads |\n|---|---:|---:|---:|---:|---:|")
     chosen = attention.ONE_THREAD_MACS
+    modules.THREADS_SLEEP = True  # the one-thread column under any wait policy
     for batch, context in CASES:
         query = torch.randn(batch, HEADS, 1, KEY_DIM)
         key = torch.randn(batch, GROUPS, context, KEY_DIM)

@@ -108,3 +108,29 @@ def test_asvd_weighs_channels_by_activation() -> None:
     stat.update(x)
     a, b = Asvd(AsvdArgs(alpha=0.5)).spectrum(weight, stat).factors(6)
     assert ((weight - a @ b) @ x.T).norm() < ((weight - pa @ pb) @ x.T).norm()
+
+
+@pytest.mark.parametrize("sleep", [True, False])
+def test_small_products_run_on_one_thread_only_where_threads_sleep(monkeypatch: pytest.MonkeyPatch,
+                                                                   sleep: bool) -> None:
+    """LowRankLinear's output is the same either way; one thread only for small inputs under PASSIVE."""
+    from lowrank_kit.compressed import modules
+
+    monkeypatch.setattr(modules, "THREADS_SLEEP", sleep)
+    threads = torch.get_num_threads()
+    seen: list[int] = []
+    module = LowRankLinear.from_factors(torch.randn(12, 5), torch.randn(5, 10), torch.randn(12))
+    original = torch.nn.functional.linear
+
+    def linear(*args: object, **kwargs: object) -> torch.Tensor:
+        seen.append(torch.get_num_threads())
+        return original(*args, **kwargs)
+
+    x_small, x_large = torch.randn(3, 10), torch.randn(2, 3, 10)  # 3 and 6 tokens
+    expected_small, expected_large = module(x_small), module(x_large)
+    monkeypatch.setattr(modules.F, "linear", linear)
+    monkeypatch.setattr(LowRankLinear, "ONE_THREAD_MACS", 4 * module.macs_per_token(5))  # 3 tokens below, 6 not
+    assert torch.equal(module(x_small), expected_small) and torch.equal(module(x_large), expected_large)
+    small = 1 if sleep and threads > 1 else threads
+    assert seen == [small, small, threads, threads]
+    assert torch.get_num_threads() == threads

@@ -101,8 +101,10 @@ def test_one_query_attention_equals_sdpa(monkeypatch: pytest.MonkeyPatch, one_th
     """The decoding path of value-dim attention computes what SDPA computes, on one thread or all."""
     from torch.nn import functional as F
 
+    from lowrank_kit.compressed import modules
     from lowrank_kit.models import attention
 
+    monkeypatch.setattr(modules, "THREADS_SLEEP", True)
     monkeypatch.setattr(attention, "ONE_THREAD_MACS", 10**12 if one_thread else 0)
     threads = torch.get_num_threads()
     generator = torch.Generator().manual_seed(3)

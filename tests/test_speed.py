@@ -95,12 +95,9 @@ def test_refuses_to_write_into_a_folder_of_other_files(tmp_path: Path) -> None:
 
 def test_the_memory_probe_reports_its_own_peak_not_its_parents() -> None:
     """A spawned child inherits ru_maxrss across exec on Linux; the probe must not report it."""
-    import multiprocessing
-
     hog = bytearray(600 * 2**20)  # the parent's peak rises by 600 MB
     hog[:: 4096] = b"x" * len(hog[:: 4096])
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        child = pool.apply(speed.peak_rss_mb)
+    child = speed.in_fresh_process("peak_rss_mb")
     assert child < speed.peak_rss_mb() - 400
     del hog
 

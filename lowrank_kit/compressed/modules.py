@@ -6,11 +6,35 @@ section); ``persistence.saving`` builds an empty module of the same shape from i
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+# OpenMP reads its wait policy at start-up. With PASSIVE (how shared machines and our benchmarks
+# run), threads sleep between parallel regions and waking them costs 0.1–0.5 ms a call on this
+# 2-core CPU, more than a small product takes on one thread; spinning threads (ACTIVE, or
+# OpenMP's default) cost nothing to wake, and then every thread helps at every size.
+THREADS_SLEEP = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
+
+
+@contextlib.contextmanager
+def one_thread_below(macs: int, limit: int, device: torch.device) -> Iterator[None]:
+    """Run the block on one CPU thread when its ``macs`` multiply-adds are below ``limit`` and
+    threads sleep (``THREADS_SLEEP``); otherwise as configured. The thread count is put back."""
+    threads = torch.get_num_threads()
+    if not (THREADS_SLEEP and device.type == "cpu" and threads > 1 and macs < limit):
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class SliceableRank:
@@ -58,9 +82,16 @@ class LowRankLinear(SliceableRank, nn.Module):
                 module.bias.copy_(bias)
         return module
 
+    # Below this many multiply-adds (both factors) the two products run on one thread where threads
+    # sleep: two small multi-threaded products cost more than the dense one (see ``THREADS_SLEEP``).
+    # Measured under PASSIVE, 2 threads vs 1, rank kept at 0.2: 576→576 at 8 tokens 754 vs 243 µs
+    # (dense 475), at 32 tokens 781 vs 389 (dense 559); 576→1536 at 32 tokens (23 M) 1,499 vs 1,108.
+    ONE_THREAD_MACS = 24_000_000
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.used_rank()
-        return F.linear(F.linear(x, self.b[:r]), self.a[:, :r], self.bias)
+        with one_thread_below(x[..., 0].numel() * self.macs_per_token(r), self.ONE_THREAD_MACS, x.device):
+            return F.linear(F.linear(x, self.b[:r]), self.a[:, :r], self.bias)
 
     @property
     def full_rank(self) -> int:
@@ -98,8 +129,9 @@ class HeadwiseLowRank(SliceableRank, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r, rows = self.used_rank(), self.used_rank() * self.heads
-        z = F.linear(x, self.b[:rows], None if self.bias is None else self.bias[:rows])
-        y = torch.einsum("...kh,hik->...hi", z.unflatten(-1, (r, self.heads)), self.a[:, :, :r])
+        with one_thread_below(x[..., 0].numel() * self.macs_per_token(r), LowRankLinear.ONE_THREAD_MACS, x.device):
+            z = F.linear(x, self.b[:rows], None if self.bias is None else self.bias[:rows])
+            y = torch.einsum("...kh,hik->...hi", z.unflatten(-1, (r, self.heads)), self.a[:, :, :r])
         return y.flatten(-2)
 
     @property

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
 import os
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -268,9 +269,20 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def in_fresh_process(function: str, *args: Any) -> Any:
+    """``function`` of this module called in a new Python process (its result through JSON): a
+    peak measured there is that model's alone. A plain subprocess, not a multiprocessing pool,
+    whose semaphores the resource tracker reports as leaked at exit."""
+    code = ("import json, sys; from lowrank_kit.harness import speed; "
+            "print(json.dumps(getattr(speed, sys.argv[1])(*json.loads(sys.argv[2]))))")
+    done = subprocess.run([sys.executable, "-c", code, function, json.dumps(args)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the {function} process failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def _memory_elsewhere(which: str, dtype: str | None, device: str) -> dict[str, float]:
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(memory, (which, dtype, device))
+    return in_fresh_process("memory", which, dtype, device)
 
 
 # --- The benchmark -----------------------------------------------------------------------------

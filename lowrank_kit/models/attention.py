@@ -19,14 +19,13 @@ cache under an unknown keyword is an error, never a forward that ignores its cac
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lowrank_kit.compressed.modules import SliceableRank
+from lowrank_kit.compressed.modules import SliceableRank, one_thread_below
 from lowrank_kit.models import hf_compat
 
 
@@ -110,14 +109,12 @@ class ValueDimAttention(SliceableRank):
         return {"kind": "value_dim_attention", "v_head_dim": self.v_head_dim, "layout": "rank_major"}
 
 
-# Below this many multiply-adds a decoding query's attention runs on one thread when OpenMP's
-# threads sleep between parallel regions (OMP_WAIT_POLICY=PASSIVE, read by OpenMP at start-up):
-# waking them costs more than the work. With spinning threads (ACTIVE, or the default) every
-# thread helps at every size. Measured on a 2-core CPU with SmolLM2's shapes
+# Below this many multiply-adds a decoding query's attention runs on one thread where OpenMP's
+# threads sleep (``modules.THREADS_SLEEP``). Measured on a 2-core CPU with SmolLM2's shapes
 # (benchmarks/decode_attention.py), one thread vs two, PASSIVE: batch 1 × 160 keys (0.16 M)
-# 103 vs 520 µs, 32 × 160 (5 M) 1,062 vs 1,067, 8 × 2,048 (16 M) 4,206 vs 3,254; ACTIVE:
-# 1 × 160 143 vs 126, 32 × 160 1,301 vs 628.
-ONE_THREAD_MACS = 8_000_000 if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" else 0
+# 103 vs 520 µs, 32 × 160 (5 M) 1,062 vs 1,067, 8 × 2,048 (16 M) 4,206 vs 3,254; ACTIVE (where
+# two threads are always used): 1 × 160 143 vs 126, 32 × 160 1,301 vs 628.
+ONE_THREAD_MACS = 8_000_000
 
 
 def _one_query_applies(module: Any, query: torch.Tensor, mask: torch.Tensor | None) -> bool:
@@ -139,20 +136,13 @@ def _one_query(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask
     b, heads, _, d = query.shape
     groups, t = key.shape[1], key.shape[-2]
     macs = b * heads * t * (d + value.shape[-1])
-    threads = torch.get_num_threads()
-    one_thread = query.device.type == "cpu" and threads > 1 and macs < ONE_THREAD_MACS
-    if one_thread:
-        torch.set_num_threads(1)
-    try:
+    with one_thread_below(macs, ONE_THREAD_MACS, query.device):
         scores = torch.matmul(query.reshape(b, groups, heads // groups, d), key.transpose(-1, -2)) * scaling
         if mask is not None:  # [B, 1, 1, ≥T]: boolean (True: attend) for SDPA, additive for eager
             mask = mask[..., :t]
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
         output = torch.matmul(probs, value)  # [B, G, H/G, r]
-    finally:
-        if one_thread:
-            torch.set_num_threads(threads)
     return output.reshape(b, 1, heads, -1)
 
 
