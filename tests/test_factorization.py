@@ -134,3 +134,19 @@ def test_small_products_run_on_one_thread_only_where_threads_sleep(monkeypatch: 
     small = 1 if sleep and threads > 1 else threads
     assert seen == [small, small, threads, threads]
     assert torch.get_num_threads() == threads
+
+
+def test_low_rank_modules_compile_whole_under_the_thread_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``torch.compile`` traces LowRankLinear and HeadwiseLowRank in one graph (the thread calls
+    would break it) and gives their eager outputs."""
+    from lowrank_kit.compressed import modules
+
+    monkeypatch.setattr(modules, "THREADS_SLEEP", True)
+    linear = LowRankLinear.from_factors(torch.randn(12, 5), torch.randn(5, 10), None)
+    headwise = modules.HeadwiseLowRank(10, heads=2, head_dim=4, rank=3)
+    torch.nn.init.normal_(headwise.a), torch.nn.init.normal_(headwise.b)
+    x = torch.randn(2, 3, 10)
+    for module in (linear, headwise):
+        torch._dynamo.reset()
+        compiled = torch.compile(module, backend="eager", fullgraph=True)  # fullgraph: a break raises
+        torch.testing.assert_close(compiled(x), module(x))

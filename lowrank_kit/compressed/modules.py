@@ -25,7 +25,11 @@ THREADS_SLEEP = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
 @contextlib.contextmanager
 def one_thread_below(macs: int, limit: int, device: torch.device) -> Iterator[None]:
     """Run the block on one CPU thread when its ``macs`` multiply-adds are below ``limit`` and
-    threads sleep (``THREADS_SLEEP``); otherwise as configured. The thread count is put back."""
+    threads sleep (``THREADS_SLEEP``); otherwise as configured. The thread count is put back.
+    Under ``torch.compile`` nothing changes: the thread calls would break the graph."""
+    if torch.compiler.is_compiling():
+        yield
+        return
     threads = torch.get_num_threads()
     if not (THREADS_SLEEP and device.type == "cpu" and threads > 1 and macs < limit):
         yield

@@ -170,7 +170,7 @@ class _Clock(BaseStreamer):
         self.stamps.append(time.perf_counter())
 
 
-def _ids(model: nn.Module, batch: int, tokens: int) -> torch.Tensor:
+def sample_ids(model: nn.Module, batch: int, tokens: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(batch * 100_003 + tokens)
     vocab = model.get_input_embeddings().num_embeddings
     return torch.randint(100, min(vocab, 20_000), (batch, tokens), generator=generator)
@@ -180,7 +180,7 @@ def timer(model: nn.Module, regime: Regime, device: torch.device, ids: torch.Ten
           ) -> Callable[[], float]:
     """A call that runs the regime once on ``model`` and returns its seconds (decode: steps only);
     on ``ids`` when given (of the regime's shape), else on seeded random tokens."""
-    ids = (_ids(model, regime.batch, regime.tokens) if ids is None else ids).to(device)
+    ids = (sample_ids(model, regime.batch, regime.tokens) if ids is None else ids).to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     @torch.no_grad()
@@ -233,7 +233,7 @@ def quick_compare(models: dict[str, nn.Module], window: torch.Tensor, steps: int
 # --- Memory (a fresh process per model on a CPU) ---------------------------------------------
 
 
-def _load(which: str, dtype: str | None, device: str) -> nn.Module:
+def load(which: str, dtype: str | None, device: str) -> nn.Module:
     """A saved compressed folder, or the dense model it names (an alias, folder or hub id)."""
     from lowrank_kit.models.loading import load_model
     from lowrank_kit.persistence.saving import load_pretrained
@@ -249,8 +249,8 @@ def memory(which: str, dtype: str | None, device: str, tokens: int = MEMORY_TOKE
     """Peak memory of loading ``which`` and a ``tokens`` prompt with the KV cache; the cache's bytes."""
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    model = _load(which, dtype, device)
-    ids = _ids(model, 1, tokens).to(device)
+    model = load(which, dtype, device)
+    ids = sample_ids(model, 1, tokens).to(device)
     out = model(input_ids=ids, use_cache=True)
     kv = hf_compat.cache_bytes(hf_compat.output_cache(out))
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else peak_rss_mb()
@@ -297,7 +297,7 @@ def measure(folder: Path, dense: nn.Module, regimes: tuple[Regime, ...], repeats
             dtype: str | None, memory_check: bool = True, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Every regime on the dense model and the compressed one in ``folder``, interleaved."""
     report = json.loads((folder / "report.json").read_text())
-    compressed = _load(str(folder), dtype, str(device))
+    compressed = load(str(folder), dtype, str(device))
     shapes = {"dense": Shapes.of(dense), "compressed": Shapes.of(compressed)}
     rows = []
     for regime in regimes:
@@ -396,7 +396,7 @@ def run_speed(folders: list[Path], output: Path, repeats: int = 5, regimes: tupl
     for folder in folders:
         model = json.loads((folder / "report.json").read_text())["model"]
         if model not in dense_models:
-            dense_models = {model: _load(model, dtype, device)}  # one dense model in memory at a time
+            dense_models = {model: load(model, dtype, device)}  # one dense model in memory at a time
         results.append(measure(folder, dense_models[model], regimes, repeats, torch.device(device), dtype,
                                memory_check, say))
         (output / "speed.json").write_text(json.dumps(results, indent=1))
