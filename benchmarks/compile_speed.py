@@ -12,6 +12,7 @@ decode compiles ``model.forward`` with dynamic shapes, since the KV cache grows 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -27,8 +28,6 @@ from lowrank_kit.harness import speed
 
 def compiled(model: torch.nn.Module, kind: str) -> torch.nn.Module:
     """A model whose forward inductor compiles; the eager one is left as it is (its copy shares weights)."""
-    import copy
-
     twin = copy.copy(model)  # a shallow copy: same parameters, its own forward attribute
     twin.forward = torch.compile(model.forward, dynamic=kind == "decode")  # type: ignore[method-assign]
     return twin
