@@ -1,12 +1,12 @@
 """Does ``torch.compile`` make a compressed model faster here? Eager against compiled, dense and compressed.
 
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/compile_speed.py FOLDER [--batch 1 --tokens 512]
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/compile_speed.py FOLDER [--regime decode-1] [--repeats 5]
 
 FOLDER is a folder written by ``lowrank-kit compress``; its dense model is the report's. Each of
 the four models (dense/compressed × eager/compiled with inductor's defaults) runs the regime
 after one warm-up call that also compiles (its seconds are printed apart); the timed calls are
-interleaved with ``harness.speed.interleaved``. Prefill compiles ``model`` for one fixed shape;
-decode compiles ``model.forward`` with dynamic shapes, since the KV cache grows every step.
+interleaved with ``harness.speed.interleaved``. ``model.forward`` is compiled: for one fixed
+shape in a prefill regime, with dynamic shapes in a decode one (the KV cache grows every step).
 """
 
 from __future__ import annotations

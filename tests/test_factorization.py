@@ -144,7 +144,8 @@ def test_low_rank_modules_compile_whole_under_the_thread_rule(monkeypatch: pytes
     monkeypatch.setattr(modules, "THREADS_SLEEP", True)
     linear = LowRankLinear.from_factors(torch.randn(12, 5), torch.randn(5, 10), None)
     headwise = modules.HeadwiseLowRank(10, heads=2, head_dim=4, rank=3)
-    torch.nn.init.normal_(headwise.a), torch.nn.init.normal_(headwise.b)
+    torch.nn.init.normal_(headwise.a)
+    torch.nn.init.normal_(headwise.b)
     x = torch.randn(2, 3, 10)
     for module in (linear, headwise):
         torch._dynamo.reset()

@@ -171,6 +171,7 @@ class _Clock(BaseStreamer):
 
 
 def sample_ids(model: nn.Module, batch: int, tokens: int) -> torch.Tensor:
+    """Seeded random token ids of that shape (the same for dense and compressed, run after run)."""
     generator = torch.Generator().manual_seed(batch * 100_003 + tokens)
     vocab = model.get_input_embeddings().num_embeddings
     return torch.randint(100, min(vocab, 20_000), (batch, tokens), generator=generator)
