@@ -18,7 +18,14 @@ from lowrank_kit.calibration.stats import (
 )
 from lowrank_kit.compressed.decoding import install as install_decoder
 from lowrank_kit.compressed.factorization import ProjectionFactorization, projection_units
-from lowrank_kit.compressed.linalg import Spectrum, psd_cholesky, scaled_spectrum, svd_spectrum, whitened_spectrum
+from lowrank_kit.compressed.linalg import (
+    Spectrum,
+    psd_cholesky,
+    scaled_spectrum,
+    svd_spectrum,
+    symmetric_eigh,
+    whitened_spectrum,
+)
 from lowrank_kit.compressed.modules import HeadwiseLowRank, LowRankLinear, ResizedLinear, SliceableRank
 from lowrank_kit.compressed.plan import (
     ErrorCurve,
@@ -59,5 +66,5 @@ __all__ = [
     "achieved_ratio", "candidates", "capped_shares", "group_name", "hookimpl", "install_decoder",
     "largest_meeting_target", "layer_name", "layer_score", "moved_argument", "plan_from_fractions", "plan_ranks",
     "projection_name", "projection_score", "projection_units", "psd_cholesky", "scaled_spectrum", "shrink_values",
-    "statistic_key", "svd_spectrum", "uniform_fraction", "whitened_spectrum",
+    "statistic_key", "svd_spectrum", "symmetric_eigh", "uniform_fraction", "whitened_spectrum",
 ]

@@ -39,6 +39,7 @@ from lowrank_kit.extend import (
     projection_name,
     shrink_values,
     statistic_key,
+    symmetric_eigh,
 )
 
 
@@ -49,7 +50,7 @@ class HeadwisePcaArgs:
 
 def value_bases(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues [G, d_h] and eigenvectors [G, d_h, d_h] per head, by descending eigenvalue."""
-    values, vectors = torch.linalg.eigh(gram.to(torch.float64))
+    values, vectors = symmetric_eigh(gram.to(torch.float64))
     return values.flip(-1), vectors.flip(-1)
 
 

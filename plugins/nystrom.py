@@ -40,6 +40,7 @@ from lowrank_kit.extend import (
     hookimpl,
     psd_cholesky,
     statistic_key,
+    symmetric_eigh,
 )
 
 
@@ -68,7 +69,7 @@ def leverage_scores(gram: torch.Tensor, ridge: float) -> torch.Tensor:
     if float(lam) > 0 and int(info) == 0:
         inverse_factor = torch.linalg.solve_triangular(factor, eye, upper=False)
         return 1.0 - lam * inverse_factor.pow(2).sum(dim=0)
-    values, vectors = torch.linalg.eigh(gram)
+    values, vectors = symmetric_eigh(gram)
     shrink = values.clamp_min(0) / (values.clamp_min(0) + lam)
     return (vectors.pow(2) * shrink).sum(dim=1)
 

@@ -42,6 +42,43 @@ def test_whitening_survives_a_singular_gram() -> None:
     assert error < 1e-2
 
 
+def test_projections_reading_one_gram_share_its_whitening() -> None:
+    """q/k/v read the same Gram object: one Cholesky factor, recomputed if the Gram changes in place."""
+    from lowrank_kit.compressed.linalg import psd_cholesky
+
+    torch.manual_seed(0)
+    x = torch.randn(200, 16, dtype=torch.float64)
+    gram = x.T @ x
+    first, second = whitened_spectrum(torch.randn(8, 16), gram), whitened_spectrum(torch.randn(4, 16), gram)
+    assert first.whitening is second.whitening
+    assert torch.equal(first.whitening, psd_cholesky(gram))
+    gram.mul_(4.0)  # a Gram updated in place gets a new factor (S scales by 2)
+    third = whitened_spectrum(torch.randn(8, 16), gram)
+    assert third.whitening is not first.whitening
+    assert torch.allclose(third.whitening, 2 * first.whitening)
+
+
+@pytest.mark.parametrize("sleep", [True, False])
+def test_eigh_runs_on_one_thread_only_where_threads_sleep(monkeypatch: pytest.MonkeyPatch, sleep: bool) -> None:
+    from lowrank_kit.compressed import linalg, modules
+
+    monkeypatch.setattr(modules, "THREADS_SLEEP", sleep)
+    threads, seen = torch.get_num_threads(), []
+    original = torch.linalg.eigh
+
+    def eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seen.append(torch.get_num_threads())
+        return original(matrix)
+
+    monkeypatch.setattr(torch.linalg, "eigh", eigh)
+    monkeypatch.setattr(linalg, "EIGH_ONE_THREAD_DIM", 10)
+    small, large = torch.eye(10, dtype=torch.float64), torch.eye(11, dtype=torch.float64)
+    assert torch.equal(linalg.symmetric_eigh(small)[0], torch.ones(10, dtype=torch.float64))
+    linalg.symmetric_eigh(large)
+    assert seen == [1 if sleep and threads > 1 else threads, threads]
+    assert torch.get_num_threads() == threads
+
+
 def test_factors_are_ordered_by_importance() -> None:
     torch.manual_seed(0)
     weight = torch.randn(30, 20, dtype=torch.float64)
