@@ -109,13 +109,19 @@ def test_unsupported_combinations_are_refused_before_any_work(tmp_path: Path) ->
         compress(raw, progress=False, model=tiny_model("llama"), tokenizer=ByteTokenizer())
 
 
-def test_eval_reads_a_saved_model_layer_by_layer(tmp_path: Path) -> None:
-    """``lowrank-kit eval FOLDER --offload-disk``: the saved compressed model, lazily, same perplexity."""
+@pytest.mark.parametrize("tied", [False, True])
+def test_eval_reads_a_saved_model_layer_by_layer(tmp_path: Path, tied: bool) -> None:
+    """``lowrank-kit eval FOLDER --offload-disk``: the saved compressed model, lazily, same perplexity;
+    also with tied embeddings (SmolLM2's), which the saved file holds under the head's name only."""
     import subprocess
     import sys
 
     folder = tmp_path / "dense"
-    tiny_model("llama").save_pretrained(folder)
+    dense = tiny_model("llama")
+    if tied:
+        dense.config.tie_word_embeddings = True
+        dense.tie_weights()
+    dense.save_pretrained(folder)
     byte_level_tokenizer().save_pretrained(folder)
     run = _run(tmp_path, "flat", "none", model=folder)
     printed = []

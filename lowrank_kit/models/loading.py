@@ -173,6 +173,16 @@ def safetensors_folder(path: str, gguf_file: str | None = None, dtype: str = "fl
     return target
 
 
+def _tie_from_either_side(model: Any) -> None:
+    """Tied embeddings saved under the head's name only (safetensors keeps one name of a shared
+    tensor, and ours may keep ``lm_head.weight``): take the input embeddings from the head, as
+    ``tie_weights`` only copies the other way."""
+    inputs, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = getattr(model.config.get_text_config(), "tie_word_embeddings", False)
+    if tied and head is not None and inputs.weight.is_meta and not head.weight.is_meta:
+        inputs.weight = head.weight
+
+
 def load_lazily(path: str, gguf_file: str | None = None, dtype: str = "float32") -> tuple[Any, Any, Any]:
     """(model, tokenizer, weight files): every decoder layer's parameters are meta tensors, read
     from the files when ``models.offload`` brings the layer in; the rest is read now."""
@@ -207,6 +217,7 @@ def build_lazily(folder: Path, dtype: str | None = None) -> tuple[Any, Any]:
     outer = [name for name in model.state_dict() if not name.startswith(prefix)]
     present = [name for name in outer if name in files.where]
     model.load_state_dict(files.read(present, DTYPES[dtype]), strict=False, assign=True)
+    _tie_from_either_side(model)
     model.tie_weights()  # a tied head is not in the file
     left = [name for name, p in model.named_parameters() if p.is_meta and not name.startswith(prefix)]
     if left:
