@@ -32,6 +32,27 @@ def test_lastword_accuracy_matches_greedy_generation(family: str) -> None:
     assert lastword_accuracy(model, examples[::2], batch_size=3) == 1.0
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_perplexity_with_the_head_in_chunks_equals_the_whole_logits(family: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks of positions through the vocabulary head (and Gemma's logit soft-cap) give the same
+    perplexity as the model's own forward over whole windows."""
+    from torchmetrics.text import Perplexity
+
+    from lowrank_kit.evaluation import perplexity as module
+
+    model = tiny_model(family)
+    if family == "gemma3":
+        model.config.final_logit_softcapping = 2.0  # a cap that bites on these logits
+    windows = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(0))
+    metric = Perplexity()
+    with torch.no_grad():
+        logits = model(input_ids=windows, use_cache=False).logits
+    metric.update(logits[:, :-1], windows[:, 1:])
+    monkeypatch.setattr(module, "HEAD_CHUNK", 16)  # 39 targets per window: chunks of 16, 16, 7
+    assert module.perplexity(model, windows, batch_size=2) == pytest.approx(float(metric.compute()), rel=1e-5)
+
+
 def test_lastword_paragraphs_come_from_the_held_out_half() -> None:
     tokenizer = ByteTokenizer()
     spec = EvalSpec(metric="lastword", dataset="austen-persuasion", prompts=20, seq_len=64)

@@ -78,11 +78,17 @@ class ModelAdapter:
         """The mean next-token loss from the last decoder layer's output (final norm, vocabulary
         head, the logit soft-cap of families that have one), as ``model(labels=...)`` computes it;
         lets a pass measure the loss from a layer's replayed output without a whole forward."""
-        logits = self.model.get_output_embeddings()(self.decoder.norm(hidden)).float()
+        logits = self.head_logits(self.decoder.norm(hidden))
+        return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten())
+
+    def head_logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """Float32 vocabulary logits of the decoder's final (normed) output, as the model's forward
+        computes them: the head, then the logit soft-cap of families that have one."""
+        logits = self.model.get_output_embeddings()(normed).float()
         cap = getattr(self.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
-        return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten())
+        return logits
 
     def _parent(self, layer: int, projection: str) -> nn.Module:
         block = self.layers[layer]
