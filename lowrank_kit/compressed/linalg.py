@@ -14,7 +14,7 @@ Pair = tuple[torch.Tensor, torch.Tensor]
 # eigh of a float64 n×n matrix on this 2-core CPU (torch 2.13, MKL) under OMP_WAIT_POLICY=PASSIVE,
 # two threads vs one: n = 192: 18.5 vs 1.6 ms; 576: 79 vs 24 ms; 1024: 212 vs 143 ms; 1536: 466
 # vs 464 ms. LAPACK's reduction runs many short parallel regions, each paying a wake-up of the
-# sleeping threads; up to this size one thread is never slower. With spinning threads (ACTIVE)
+# sleeping threads; up to this size one thread is never slower. Without PASSIVE (policy unset)
 # nothing changes: two threads are faster there (576: 17 vs 24 ms).
 EIGH_ONE_THREAD_DIM = 1536
 

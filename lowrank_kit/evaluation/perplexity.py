@@ -60,7 +60,6 @@ def _next_token_logits(model: Any, batch: torch.Tensor) -> Iterator[tuple[torch.
         yield adapter.head_logits(hidden[:, start:stop]), batch[:, start + 1 : stop + 1]
 
 
-
 def row(model: Any, tokenizer: Any, spec: EvalSpec, needs_bos: bool, fabric: Any = None,
         desc: str = "perplexity", progress: Progress = quiet, dense: dict[str, Any] | None = None) -> dict[str, Any]:
     """One report row: perplexity over the recipe's windows, and the prefill speed it measured."""
