@@ -361,3 +361,20 @@ def test_calibration_mixes_sources_in_proportion_to_their_weights(tmp_path: Path
     found = [(bytes(w.tolist()) in emma, bytes(w.tolist()) in licences) for w in windows]
     assert found == [(True, False)] * 5 + [(False, True)] * 3
     assert result.report["calibration"]["dataset"] == ["austen-emma", {"dataset": "gnu-licenses", "weight": 0.6}]
+
+
+def test_fingerprint_sums_in_chunks_like_one_float64_sum() -> None:
+    """The chunked sum keeps the key's meaning: equal to the whole float64 sum at the printed
+    precision, and one changed element changes the key."""
+    from lowrank_kit.pipeline.cache import _sum, fingerprint
+
+    torch.manual_seed(0)
+    big = torch.randn(3 * (1 << 20) + 7)
+    assert f"{_sum(big):.10e}" == f"{float(big.double().sum()):.10e}"
+    assert _sum(torch.empty(0)) == 0.0
+    model = tiny_model("llama")
+    before = fingerprint(model)
+    assert fingerprint(model) == before
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] += 1.0
+    assert fingerprint(model) != before
