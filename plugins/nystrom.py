@@ -43,14 +43,26 @@ from lowrank_kit.extend import (
     symmetric_eigh,
 )
 
+SELECTIONS = ("leverage", "greedy")
+# Channels the greedy selection adds per step: one block update is a few matrix products, so
+# 16 at a time is ~16× cheaper than one at a time while each pick still sees the others' effect.
+GREEDY_BLOCK = 16
+
 
 @dataclass
 class NystromArgs:
-    ridge: float = field(default=1.0, metadata={"help": "λ relative to trace(C)/d_int of down_proj's input Gram"})
+    ridge: float = field(default=1.0, metadata={"help": "λ relative to trace(C)/d_int of down_proj's input Gram "
+                                                        "(leverage selection only)"})
+    selection: str = field(default="leverage", metadata={
+        "help": "how channels are chosen: leverage (FLAT-LLM's ridge leverage scores) or greedy (the channels "
+                "that most reduce down_proj's output error on the calibration data, 16 at a time)"})
 
     def check(self, path: str) -> None:
         if self.ridge <= 0:
             raise RecipeError(f"{path}.ridge", f"must be positive, got {self.ridge}")
+        if self.selection not in SELECTIONS:
+            raise RecipeError(f"{path}.selection", f"must be one of {', '.join(SELECTIONS)}, got "
+                                                   f"'{self.selection}'")
 
 
 def leverage_scores(gram: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -72,6 +84,48 @@ def leverage_scores(gram: torch.Tensor, ridge: float) -> torch.Tensor:
     values, vectors = symmetric_eigh(gram)
     shrink = values.clamp_min(0) / (values.clamp_min(0) + lam)
     return (vectors.pow(2) * shrink).sum(dim=1)
+
+
+def greedy_order(gram: torch.Tensor, weight: torch.Tensor, block: int = GREEDY_BLOCK) -> torch.Tensor:
+    """Every channel, in the order a greedy column selection adds them to minimise down_proj's error.
+
+    Deviation from ALGORITHMS.md §1b (an option; leverage stays the default): the error of
+    keeping a set S is trace(W R Wᵀ) with R = C − C[:, S] C[S, S]⁻¹ C[S, :], and adding channel j
+    lowers it by ‖W R[:, j]‖² / R[j, j]. Each step takes the ``block`` channels with the largest
+    reduction and folds them into R and W R by one block elimination. Ranking by the output
+    error itself, rather than by leverage (which ignores W), is the usual greedy column subset
+    selection; with ``block=1`` the first pick is the best single channel.
+    """
+    gram = gram.to(torch.float64)
+    n = gram.shape[0]
+    residual = gram.clone()
+    weighted = weight.to(gram.device, torch.float64) @ gram  # W R, d × n
+    chosen = torch.zeros(n, dtype=torch.bool, device=gram.device)
+    order: list[int] = []
+    tiny = 1e-12 * float(gram.diagonal().abs().max().clamp_min(1e-300))
+    while len(order) < n:
+        diag = residual.diagonal()
+        gain = weighted.pow(2).sum(0) / diag.clamp_min(tiny)
+        gain[chosen | (diag <= tiny)] = -1.0
+        take = min(block, int((gain >= 0).sum()))
+        if take == 0:  # what is left has no residual energy: its order does not change the error
+            rest = (~chosen).nonzero().flatten()
+            order += rest[gram.diagonal()[rest].argsort(descending=True)].tolist()
+            break
+        picks = gain.topk(take).indices
+        factor, info = torch.linalg.cholesky_ex(residual[picks][:, picks])
+        pivots = factor.diagonal().pow(2)
+        if int(info) != 0 or float(pivots.min()) < 1e-10 * float(pivots.max()):
+            # nearly dependent picks (eliminating them together loses precision): the best alone
+            picks = picks[:1]
+            factor = residual[picks][:, picks].sqrt()
+        rows = torch.linalg.solve_triangular(factor, residual[picks], upper=False)  # b × n
+        weights = torch.linalg.solve_triangular(factor, weighted[:, picks].T, upper=False)  # b × d
+        residual -= rows.T @ rows
+        weighted -= weights.T @ rows
+        chosen[picks] = True
+        order += picks.tolist()
+    return torch.tensor(order, dtype=torch.long, device=gram.device)
 
 
 def nystrom_down(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -109,6 +163,12 @@ class Nystrom(Strategy):
         rank = run.require_plan().rank(unit)
         return None if unit.is_dense(rank) else max(rank, 1)
 
+    def _order(self, gram: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        """Every channel, best first, under the recipe's ``selection``."""
+        if self.args.selection == "greedy":
+            return greedy_order(gram, down)
+        return leverage_scores(gram, self.args.ridge).argsort(descending=True)
+
     @hookimpl
     def lowrank_units(self, run: RunState) -> list[Unit]:
         g = run.geometry
@@ -130,9 +190,9 @@ class Nystrom(Strategy):
         trace(W (residual) Wᵀ) is Σ_{j ≥ k} ‖W L[:, j]‖²: one factorisation gives the whole curve.
         """
         gram = run.stat(self._key(run, layer)).matrix.to(torch.float64)
-        order = leverage_scores(gram, self.args.ridge).argsort(descending=True)
-        factor = psd_cholesky(gram[order][:, order])
         down = run.adapter.projection(layer, "down_proj").weight.detach()
+        order = self._order(gram, down)
+        factor = psd_cholesky(gram[order][:, order])
         weight = down.to(gram.device, torch.float64)[:, order]
         dropped = (weight @ factor).pow(2).sum(0)
         (unit,) = run.units_of(self.name, layer)
@@ -144,9 +204,12 @@ class Nystrom(Strategy):
         if k is None:
             return
         gram = run.stat(self._key(run, layer)).matrix
-        keep = leverage_scores(gram, self.args.ridge).topk(k).indices.sort().values
         adapter = run.adapter
         down = adapter.projection(layer, "down_proj")
+        if self.args.selection == "greedy":
+            keep = greedy_order(gram, down.weight.detach())[:k].sort().values
+        else:
+            keep = leverage_scores(gram, self.args.ridge).topk(k).indices.sort().values
         new_down = ResizedLinear(k, down.out_features, bias=down.bias is not None, dtype=down.weight.dtype,
                                  device=down.weight.device)
         with torch.no_grad():

@@ -151,7 +151,8 @@ def _dense_inputs(model, windows: torch.Tensor) -> dict[tuple[int, str], torch.T
     return {key: torch.cat(parts) for key, parts in seen.items()}
 
 
-def test_curves_equal_the_measured_output_error_at_the_planned_rank(tmp_path: Path) -> None:
+@pytest.mark.parametrize("selection", ["leverage", "greedy"])
+def test_curves_equal_the_measured_output_error_at_the_planned_rank(tmp_path: Path, selection: str) -> None:
     """svd (plain), asvd and the Nyström MLP: the curve at the rank the plan chose is the output error
     of the compressed module on the dense calibration inputs (svd_llm's σ² is covered by its own test)."""
     model = tiny_model("llama").double()
@@ -160,7 +161,7 @@ def test_curves_equal_the_measured_output_error_at_the_planned_rank(tmp_path: Pa
     recipe["calibration"]["pipeline"] = "dense_input"
     recipe["runtime"]["precision"] = "64-true"
     recipe["transform"] = [{"plugin": "svd", "targets": ["q_proj"]}, {"plugin": "asvd", "targets": ["k_proj"]},
-                           {"plugin": "nystrom"}]
+                           {"plugin": "nystrom", "selection": selection}]
     result = compress(recipe, model=model, tokenizer=ByteTokenizer(), progress=False)
     run = result.run
     inputs = _dense_inputs(dense, run.calibration)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ByteTokenizer, sample_ids, tiny_model, tiny_recipe
-from lowrank_kit_plugins.nystrom import leverage_scores, nystrom_down
+from lowrank_kit_plugins.nystrom import greedy_order, leverage_scores, nystrom_down
 
 from lowrank_kit import compress, load_pretrained
 from lowrank_kit.compressed.modules import ResizedLinear
@@ -57,11 +57,49 @@ def test_leverage_scores_sum_to_effective_dimension() -> None:
     assert torch.allclose(leverage_scores(gram, 1e-2).sum(), (values / (values + lam)).sum())
 
 
+def output_error(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor) -> float:
+    """trace(W R Wᵀ): down_proj's squared output error on the calibration inputs, keeping ``keep``."""
+    residual = gram - gram[:, keep] @ torch.linalg.solve(gram[keep][:, keep], gram[keep])
+    return float(torch.einsum("ij,jk,ik->", weight, residual, weight))
+
+
+def test_greedy_picks_the_best_channel_then_the_best_second() -> None:
+    z, weight = down_inputs()
+    gram = z.T @ z
+    order = greedy_order(gram, weight, block=1)
+    assert sorted(order.tolist()) == list(range(gram.shape[0]))
+    singles = [output_error(weight, gram, torch.tensor([j])) for j in range(gram.shape[0])]
+    assert int(order[0]) == min(range(len(singles)), key=singles.__getitem__)
+    first = int(order[0])
+    pairs = {j: output_error(weight, gram, torch.tensor([first, j])) for j in range(gram.shape[0]) if j != first}
+    assert int(order[1]) == min(pairs, key=pairs.__getitem__)
+
+
+@pytest.mark.parametrize("k", [16, 48, 80])
+def test_greedy_blocks_lose_less_output_error_than_leverage(k: int) -> None:
+    """On the data it fits, ranking by the output error itself beats leverage (which ignores W)."""
+    z, weight = down_inputs()
+    gram = z.T @ z
+    greedy = greedy_order(gram, weight)[:k]
+    leverage = leverage_scores(gram, 1.0).topk(k).indices
+    assert output_error(weight, gram, greedy) < output_error(weight, gram, leverage)
+
+
+def test_greedy_order_survives_channels_without_energy() -> None:
+    z, weight = down_inputs()
+    z[:, :5] = 0.0  # five dead channels: no residual to remove, they come last
+    order = greedy_order(z.T @ z, weight)
+    assert sorted(order.tolist()) == list(range(z.shape[1]))
+    assert set(order[-5:].tolist()) == set(range(5))
+
+
 def test_ridge_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match=r"transform\[0\]\.ridge: must be positive"):
         from_raw(tiny_recipe(tmp_path, "nystrom", transform=[{"plugin": "nystrom", "ridge": 0}]))
     with pytest.raises(RecipeError, match="rewrites"):
         from_raw(tiny_recipe(tmp_path, transform=[{"plugin": "nystrom", "targets": ["down_proj"]}]))
+    with pytest.raises(RecipeError, match=r"transform\[0\]\.selection: must be one of leverage, greedy"):
+        from_raw(tiny_recipe(tmp_path, "nystrom", transform=[{"plugin": "nystrom", "selection": "best"}]))
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
