@@ -94,8 +94,10 @@ def leverage_scores(gram: torch.Tensor, ridge: float) -> torch.Tensor:
     return (vectors.pow(2) * shrink).sum(dim=1)
 
 
-def greedy_order(gram: torch.Tensor, weight: torch.Tensor, block: int = GREEDY_BLOCK) -> torch.Tensor:
-    """Every channel, in the order a greedy column selection adds them to minimise down_proj's error.
+def greedy_order(gram: torch.Tensor, weight: torch.Tensor, block: int = GREEDY_BLOCK,
+                 count: int | None = None) -> torch.Tensor:
+    """The first ``count`` channels (default: all) in the order a greedy column selection adds
+    them to minimise down_proj's error.
 
     Deviation from ALGORITHMS.md §1b (an option; leverage stays the default): the error of
     keeping a set S is trace(W R Wᵀ) with R = C − C[:, S] C[S, S]⁻¹ C[S, :], and adding channel j
@@ -106,12 +108,13 @@ def greedy_order(gram: torch.Tensor, weight: torch.Tensor, block: int = GREEDY_B
     """
     gram = gram.to(torch.float64)
     n = gram.shape[0]
+    count = n if count is None else count
     residual = gram.clone()
     weighted = weight.to(gram.device, torch.float64) @ gram  # W R, d × n
     chosen = torch.zeros(n, dtype=torch.bool, device=gram.device)
     order: list[int] = []
     tiny = 1e-12 * float(gram.diagonal().abs().max().clamp_min(1e-300))
-    while len(order) < n:
+    while len(order) < count:
         diag = residual.diagonal()
         gain = weighted.pow(2).sum(0) / diag.clamp_min(tiny)
         gain[chosen | (diag <= tiny)] = -1.0
@@ -133,7 +136,7 @@ def greedy_order(gram: torch.Tensor, weight: torch.Tensor, block: int = GREEDY_B
         weighted -= weights.T @ rows
         chosen[picks] = True
         order += picks.tolist()
-    return torch.tensor(order, dtype=torch.long, device=gram.device)
+    return torch.tensor(order[:count], dtype=torch.long, device=gram.device)
 
 
 def nystrom_down(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -215,7 +218,7 @@ class Nystrom(Strategy):
         adapter = run.adapter
         down = adapter.projection(layer, "down_proj")
         if self.args.selection == "greedy":
-            keep = greedy_order(gram, down.weight.detach())[:k].sort().values
+            keep = greedy_order(gram, down.weight.detach(), count=k).sort().values
         else:
             keep = leverage_scores(gram, self.args.ridge).topk(k).indices.sort().values
         new_down = ResizedLinear(k, down.out_features, bias=down.bias is not None, dtype=down.weight.dtype,
