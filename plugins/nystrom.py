@@ -174,11 +174,12 @@ class Nystrom(Strategy):
         rank = run.require_plan().rank(unit)
         return None if unit.is_dense(rank) else max(rank, 1)
 
-    def _order(self, gram: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-        """Every channel, best first, under the recipe's ``selection``."""
+    def _order(self, gram: torch.Tensor, down: torch.Tensor, count: int | None = None) -> torch.Tensor:
+        """The best ``count`` channels (default: all), best first, under the recipe's ``selection``."""
         if self.args.selection == "greedy":
-            return greedy_order(gram, down)
-        return leverage_scores(gram, self.args.ridge).argsort(descending=True)
+            return greedy_order(gram, down, count=count)
+        scores = leverage_scores(gram, self.args.ridge)
+        return scores.argsort(descending=True) if count is None else scores.topk(count).indices
 
     @hookimpl
     def lowrank_units(self, run: RunState) -> list[Unit]:
@@ -217,10 +218,7 @@ class Nystrom(Strategy):
         gram = run.stat(self._key(run, layer)).matrix
         adapter = run.adapter
         down = adapter.projection(layer, "down_proj")
-        if self.args.selection == "greedy":
-            keep = greedy_order(gram, down.weight.detach(), count=k).sort().values
-        else:
-            keep = leverage_scores(gram, self.args.ridge).topk(k).indices.sort().values
+        keep = self._order(gram, down.weight.detach(), count=k).sort().values
         new_down = ResizedLinear(k, down.out_features, bias=down.bias is not None, dtype=down.weight.dtype,
                                  device=down.weight.device)
         with torch.no_grad():
