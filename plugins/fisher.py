@@ -23,6 +23,18 @@ perplexity on 8,192 Persuasion tokens): flrc_static 67.61 / 113.11 / 1,175.01 at
 the same plan under both at 0.2 and 0.3 (every v+o unit is capped at dense, the MLP takes the
 cut), 47.34 / 59.13. Neither rule knows what truncation costs, which is why both collapse at
 0.5 on SVD-LLM factors; ``error_budget`` plans from the truncation errors themselves.
+
+``rule: output`` is our third reading, the one that knows what truncation costs (FLRC's exact rule
+is unpublished, ALGORITHMS.md §3). In the Kronecker-factored Fisher of a weight, F ≈ E[xxᵀ] ⊗ E[ggᵀ]
+with the output factor taken as σ_p·I, the Fisher-weighted change of a truncated weight is σ_p
+times its output error on the calibration data, which every transform reports (dropped whitened
+σ², dropped eigenvalues, the Nyström residual). σ_p comes from the Fisher the score already takes:
+its mean over W's elements divided by the mean input energy E[x²] (``output_sensitivity``; the
+score pass also sums x² at every projection's input, one reduction per forward). The plan then
+minimises Σ σ_site·E_u(r_u) within the budget, by the same greedy hull search as ``error_budget``,
+so it drives every transform. It differs from error_budget with ``output_gradient`` only in how
+σ is estimated: from the weight gradients, whose cross-token terms ``output_gradient`` does not
+see (on a tiny random Llama the two differ by 2–25× per projection).
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ from typing import Literal
 
 from lowrank_kit.extend import (
     PROJECTIONS,
+    AbsMean,
     Geometry,
     NoArgs,
     RankPlan,
@@ -60,6 +73,30 @@ def _key(layer: int, projection: str) -> str:
     return statistic_key(SquaredGrad, projection_name(layer, projection))
 
 
+def _input_key(layer: int, projection: str) -> str:
+    return statistic_key(AbsMean, projection_name(layer, projection) + "_input_squares")
+
+
+def output_score(layer: int, projection: str) -> str:
+    """The key of the Fisher-derived sensitivity of a projection's output (``rule: output``)."""
+    return "fisher_output:" + projection_name(layer, projection)
+
+
+def output_sensitivity(squared_grad: SquaredGrad, input_squares: AbsMean) -> float:
+    """The loss sensitivity of a projection's output, per output dim, from its weight Fisher.
+
+    With the Kronecker-factored Fisher (K-FAC) of a weight W with inputs x and output gradients g
+    (per batch b, G_b = Σ_t g_t x_tᵀ; tokens independent), E_b[G_ij²] ≈ T·E[g_i²]·E[x_j²]. So the
+    mean Fisher over W's elements divided by the mean input energy E[x²] gives T·E[g²], and times
+    the number of batches n_b it is Σ_t ‖g_t‖² / d_out over all calibration tokens: the same number
+    as ``output_gradient``'s s_p, read from the weight gradients FLRC already takes.
+    """
+    assert squared_grad.sum is not None and input_squares.sum is not None, "statistic saw no calibration data"
+    fisher = float(squared_grad.sum.double().mean() / squared_grad.count)  # mean over elements and batches
+    energy = float(input_squares.mean.mean())  # E[x²] over tokens and input channels
+    return float(squared_grad.count) * fisher / energy if energy > 0 else 0.0
+
+
 class FisherScore(Strategy):
     name = "fisher"
     point = "score"
@@ -71,8 +108,9 @@ class FisherScore(Strategy):
     def lowrank_collect_dense(self, run: RunState, tap: Tap) -> None:
         for index in range(run.geometry.layers):
             for projection in PROJECTIONS:
-                tap.watch_grad(_key(index, projection), run.adapter.projection(index, projection).weight,
-                               SquaredGrad())
+                module = run.adapter.projection(index, projection)
+                tap.watch_grad(_key(index, projection), module.weight, SquaredGrad())
+                tap.watch(_input_key(index, projection), module, AbsMean(power=2.0))
 
     @hookimpl
     def lowrank_score(self, run: RunState) -> dict[str, float]:
@@ -81,6 +119,8 @@ class FisherScore(Strategy):
             for projection in PROJECTIONS:
                 stat = run.stat(_key(index, projection))
                 scores[projection_score(index, projection)] = float((stat.sum / stat.count).sqrt().mean())
+                scores[output_score(index, projection)] = output_sensitivity(
+                    stat, run.stat(_input_key(index, projection)))
         return scores
 
 
@@ -88,10 +128,12 @@ class FisherScore(Strategy):
 class FisherAllocatorArgs:
     multiple: int | None = field(default=None, metadata={"help": "moved to target.multiple (one rounding for "
                                                                  "every allocator)"})
-    rule: Literal["parameters", "ranks", "truncation"] = field(default="ranks", metadata={
+    rule: Literal["parameters", "ranks", "truncation", "output"] = field(default="ranks", metadata={
         "help": "split the budget in proportion to importance in parameters (ALGORITHMS.md §3a) or in rank units "
                 "(Palu's rank search); or spend it where the Fisher-weighted weight error of truncation is "
-                "smallest per parameter (needs single-projection factorisations: svd, svd_llm, asvd)"})
+                "smallest per parameter (truncation: needs single-projection factorisations svd, svd_llm, asvd); "
+                "or where the output error of truncation, weighted by the Kronecker-factored Fisher, is (output: "
+                "any transform)"})
 
     def check(self, path: str) -> None:
         moved_argument(self.multiple, f"{path}.multiple", "target.multiple")
@@ -117,7 +159,7 @@ class FisherAllocator(Strategy):
 
     @property  # type: ignore[override]
     def needs_error_curves(self) -> bool:
-        return self.args.rule == "truncation"
+        return self.args.rule in ("truncation", "output")
 
     def _truncation_plan(self, run: RunState, units: list[Unit], importance: list[float]) -> RankPlan:
         """ΔL(r) ≈ ½ F̄ ‖W − W_r‖²_F per unit, F̄ ≈ s_p² (the score is a mean RMS gradient), planned
@@ -136,9 +178,29 @@ class FisherAllocator(Strategy):
         plan.layer_fractions = plan.fractions_by_layer(units, run.geometry.layers)
         return plan
 
+    def _output_plan(self, run: RunState, units: list[Unit]) -> RankPlan:
+        """ΔL(r) ≈ σ_site·E_u(r): the unit's output error at its error site (dropped whitened σ²,
+        dropped eigenvalues, the Nyström residual) times the K-FAC output factor of the Fisher at that
+        site (``output_sensitivity``), planned greedily by predicted loss per parameter."""
+        options = {}
+        for u in units:
+            curve = run.error_curves[u.name]
+            key = output_score(u.layer, curve.site)
+            if key not in run.scores:
+                raise RecipeError("score", f"rule 'output' needs the Fisher of {curve.site} (score: fisher)")
+            options[u.name] = candidates(u, curve.error, run.scores[key])
+        total = run.geometry.total_linear_params
+        budget = sum(u.dense_params for u in units) - run.target_ratio * total
+        plan = RankPlan(ranks=plan_ranks(options, budget), allocator=self.name)
+        plan.notes = {"budget": budget, "rule": self.args.rule}
+        plan.layer_fractions = plan.fractions_by_layer(units, run.geometry.layers)
+        return plan
+
     @hookimpl
     def lowrank_allocate(self, run: RunState, units: list[Unit]) -> RankPlan:
         geometry = run.geometry
+        if self.args.rule == "output":
+            return self._output_plan(run, units)
         importance = [unit_importance(u, run.scores, geometry) for u in units]
         if self.args.rule == "truncation":
             return self._truncation_plan(run, units, importance)

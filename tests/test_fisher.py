@@ -181,3 +181,62 @@ def test_truncation_rule_plans_from_weight_errors_and_refuses_other_transforms(t
     recipe["output"]["dir"] = str(tmp_path / "other")
     with pytest.raises(RecipeError, match=r"allocate\.rule.*weight-space error curves"):
         compress(recipe, model=tiny_model("llama"), tokenizer=ByteTokenizer(), progress=False)
+
+
+def test_output_sensitivity_equals_the_output_gradient_energy_for_one_token_batches() -> None:
+    """With one token per batch G = g xᵀ exactly, so the K-FAC reading has no approximation left:
+    n_b · mean(G²) / E[x²] = Σ_b ‖g_b‖² / d_out when every batch's input has the same energy."""
+    from lowrank_kit_plugins.fisher import output_sensitivity
+
+    from lowrank_kit.calibration.stats import AbsMean, GradEnergy, SquaredGrad
+
+    generator = torch.Generator().manual_seed(0)
+    fisher, squares, energy = SquaredGrad(), AbsMean(power=2.0), GradEnergy()
+    for _ in range(3):
+        g = torch.randn(1, 5, generator=generator, dtype=torch.float64)
+        x = torch.randn(1, 7, generator=generator, dtype=torch.float64)
+        x = x / x.norm() * 2.0  # equal input energy in every batch
+        fisher.update(g.T @ x)
+        squares.update(x)
+        energy.update(g)
+    assert output_sensitivity(fisher, squares) == pytest.approx(float(energy.sum) / energy.width, rel=1e-6)
+
+
+def test_output_rule_weights_each_units_error_curve_by_its_sites_fisher() -> None:
+    """Two units with equal error curves: the one whose site the Fisher marks as more sensitive
+    keeps more rank; a unit with no error beyond rank 2 keeps no more than 2; the ratio is met."""
+    from lowrank_kit_plugins.fisher import output_score
+
+    from lowrank_kit.compressed.plan import ErrorCurve
+
+    run = SimpleNamespace(geometry=GEOMETRY, name="x", targets=PROJECTIONS)
+    units = projection_units(run, "svd_llm", PROJECTIONS)
+    curves, scores = {}, {}
+    for unit in units:
+        dropped = [1.0 / (i + 1) for i in range(unit.max_rank)]
+        if unit.name == "layers.3.q_proj":
+            dropped = [5.0, 5.0] + [0.0] * (unit.max_rank - 2)
+        curves[unit.name] = ErrorCurve.from_tail(unit.name, unit.projection, dropped)
+        scores[output_score(unit.layer, unit.projection)] = 1.0
+    scores[output_score(1, "up_proj")] = 30.0
+    fake = SimpleNamespace(geometry=GEOMETRY, scores=scores, target_ratio=0.4, error_curves=curves)
+    plan = FisherAllocator(FisherAllocatorArgs(rule="output")).lowrank_allocate(run=fake, units=units)
+    by_name = {u.name: u for u in units}
+    assert plan.rank(by_name["layers.1.up_proj"]) > plan.rank(by_name["layers.0.up_proj"])
+    assert plan.rank(by_name["layers.3.q_proj"]) <= 2
+    assert 0.4 <= achieved_ratio(plan, units, GEOMETRY.total_linear_params) < 0.41
+    del scores[output_score(0, "v_proj")]
+    from lowrank_kit.recipe.schema import RecipeError
+    with pytest.raises(RecipeError, match="score: fisher"):
+        FisherAllocator(FisherAllocatorArgs(rule="output")).lowrank_allocate(run=fake, units=units)
+
+
+@pytest.mark.parametrize("transforms", [["svd_llm"], ["headwise_pca", "nystrom"]])
+def test_output_rule_plans_any_transform_on_a_tiny_model(tmp_path: Path, transforms: list[str]) -> None:
+    recipe = tiny_recipe(tmp_path, transforms[0], 0.3, score="fisher", allocate={"plugin": "fisher",
+                                                                                  "rule": "output"})
+    recipe["transform"] = [{"plugin": t} for t in transforms]
+    result = compress(recipe, model=tiny_model("qwen2"), tokenizer=ByteTokenizer(), progress=False)
+    assert 0.3 <= result.report["achieved_ratio"] < 0.31
+    assert {m["transform"] for m in result.report["modules"]} == set(transforms)
+    assert len(set(result.run.plan.ranks.values())) > 1
