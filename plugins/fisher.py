@@ -34,7 +34,11 @@ score pass also sums x² at every projection's input, one reduction per forward)
 minimises Σ σ_site·E_u(r_u) within the budget, by the same greedy hull search as ``error_budget``,
 so it drives every transform. It differs from error_budget with ``output_gradient`` only in how
 σ is estimated: from the weight gradients, whose cross-token terms ``output_gradient`` does not
-see (on a tiny random Llama the two differ by 2–25× per projection).
+see (on a tiny random Llama the two differ by 2–25× per projection). Measured on the standard
+bench, flrc_static: 55.43 / 88.35 / 267.19 at 0.2 / 0.3 / 0.5 under ``output``, against
+67.61 / 113.11 / 1,175.01 under ``ranks`` and uniform SVD-LLM's 105.79 / 141.73 / 307.64; so
+recipes/flrc*.yaml set ``rule: output``. The allocator's default stays ``ranks``, which
+flat_fisher was measured with: under ``output`` it gave 48.48 / 57.73 at 0.2 / 0.3 against 45.72 / 55.85.
 """
 
 from __future__ import annotations

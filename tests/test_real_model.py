@@ -105,7 +105,8 @@ def test_flrc_beats_uniform_svd_llm_and_decodes_progressively_after_reload(
         tmp_path: Path, smollm2: tuple[Any, Any], svd_llm_run: Any) -> None:
     model, tokenizer = smollm2
     decode = {"plugin": "progressive", "stages": [[0, 1.0], [4, 0.5]], "floor": 0.5}
-    flrc = compress(real_recipe(tmp_path, "svd_llm", 0.2, name="real-flrc", score="fisher", allocate="fisher",
+    allocate = {"plugin": "fisher", "rule": "output"}  # as recipes/flrc.yaml
+    flrc = compress(real_recipe(tmp_path, "svd_llm", 0.2, name="real-flrc", score="fisher", allocate=allocate,
                                 decode=decode), model=copy.deepcopy(model), tokenizer=tokenizer, progress=False)
     assert abs(flrc.report["achieved_ratio"] - 0.2) <= 0.002
     assert flrc.report["evaluation"][0]["compressed"] < svd_llm_run.report["evaluation"][0]["compressed"]
