@@ -30,7 +30,7 @@ with the output factor taken as σ_p·I, the Fisher-weighted change of a truncat
 times its output error on the calibration data, which every transform reports (dropped whitened
 σ², dropped eigenvalues, the Nyström residual). σ_p comes from the Fisher the score already takes:
 its mean over W's elements divided by the mean input energy E[x²] (``output_sensitivity``; the
-score pass also sums x² at every projection's input, one reduction per forward). The plan then
+score pass also sums x² once per distinct projection input, q/k/v and gate/up sharing theirs). The plan then
 minimises Σ σ_site·E_u(r_u) within the budget, by the same greedy hull search as ``error_budget``,
 so it drives every transform. It differs from error_budget with ``output_gradient`` only in how
 σ is estimated: from the weight gradients, whose cross-token terms ``output_gradient`` does not
@@ -77,8 +77,9 @@ def _key(layer: int, projection: str) -> str:
     return statistic_key(SquaredGrad, projection_name(layer, projection))
 
 
-def _input_key(layer: int, projection: str) -> str:
-    return statistic_key(AbsMean, projection_name(layer, projection) + "_input_squares")
+def _input_key(run: RunState, layer: int, projection: str) -> str:
+    """q/k/v (and gate/up) read one input: its x² is summed once, under the input's site."""
+    return statistic_key("InputSquares", run.adapter.input_site(layer, projection))
 
 
 def output_score(layer: int, projection: str) -> str:
@@ -114,7 +115,7 @@ class FisherScore(Strategy):
             for projection in PROJECTIONS:
                 module = run.adapter.projection(index, projection)
                 tap.watch_grad(_key(index, projection), module.weight, SquaredGrad())
-                tap.watch(_input_key(index, projection), module, AbsMean(power=2.0))
+                tap.watch(_input_key(run, index, projection), module, AbsMean(power=2.0))
 
     @hookimpl
     def lowrank_score(self, run: RunState) -> dict[str, float]:
@@ -124,7 +125,7 @@ class FisherScore(Strategy):
                 stat = run.stat(_key(index, projection))
                 scores[projection_score(index, projection)] = float((stat.sum / stat.count).sqrt().mean())
                 scores[output_score(index, projection)] = output_sensitivity(
-                    stat, run.stat(_input_key(index, projection)))
+                    stat, run.stat(_input_key(run, index, projection)))
         return scores
 
 
@@ -141,6 +142,10 @@ class FisherAllocatorArgs:
 
     def check(self, path: str) -> None:
         moved_argument(self.multiple, f"{path}.multiple", "target.multiple")
+
+    @property
+    def needs_error_curves(self) -> bool:
+        return self.rule in ("truncation", "output")
 
 
 def unit_importance(unit: Unit, scores: dict[str, float], geometry: Geometry) -> float:
@@ -163,36 +168,30 @@ class FisherAllocator(Strategy):
 
     @property  # type: ignore[override]
     def needs_error_curves(self) -> bool:
-        return self.args.rule in ("truncation", "output")
+        return self.args.needs_error_curves
 
-    def _truncation_plan(self, run: RunState, units: list[Unit], importance: list[float]) -> RankPlan:
-        """ΔL(r) ≈ ½ F̄ ‖W − W_r‖²_F per unit, F̄ ≈ s_p² (the score is a mean RMS gradient), planned
-        greedily by predicted loss per parameter as error_budget does with output errors."""
-        options = {}
-        for u, score in zip(units, importance, strict=True):
-            curve = run.error_curves[u.name]
+    def _curve_options(self, run: RunState, unit: Unit) -> list[tuple[int, float, int]]:
+        """The unit's (parameters, predicted loss, rank) choices under a rule that reads error curves.
+
+        truncation: ΔL(r) ≈ ½ F̄ ‖W − W_r‖²_F, F̄ ≈ s_p² (the score is a mean RMS gradient).
+        output: ΔL(r) ≈ σ_site·E_u(r), the unit's output error at its error site (dropped whitened
+        σ², dropped eigenvalues, the Nyström residual) times the K-FAC output factor of the Fisher
+        at that site (``output_sensitivity``).
+        """
+        curve = run.error_curves[unit.name]
+        if self.args.rule == "truncation":
             if not curve.weight_error:
                 raise RecipeError("allocate.rule", f"'truncation' needs weight-space error curves, which transform "
-                                                   f"'{u.transform}' does not report; use rule: ranks")
-            options[u.name] = candidates(u, curve.weight_error, score**2)
-        total = run.geometry.total_linear_params
-        budget = sum(u.dense_params for u in units) - run.target_ratio * total
-        plan = RankPlan(ranks=plan_ranks(options, budget), allocator=self.name)
-        plan.notes = {"budget": budget, "rule": self.args.rule}
-        plan.layer_fractions = plan.fractions_by_layer(units, run.geometry.layers)
-        return plan
+                                                   f"'{unit.transform}' does not report; use rule: ranks")
+            return candidates(unit, curve.weight_error, unit_importance(unit, run.scores, run.geometry) ** 2)
+        key = output_score(unit.layer, curve.site)
+        if key not in run.scores:
+            raise RecipeError("score", f"rule 'output' needs the Fisher of {curve.site} (score: fisher)")
+        return candidates(unit, curve.error, run.scores[key])
 
-    def _output_plan(self, run: RunState, units: list[Unit]) -> RankPlan:
-        """ΔL(r) ≈ σ_site·E_u(r): the unit's output error at its error site (dropped whitened σ²,
-        dropped eigenvalues, the Nyström residual) times the K-FAC output factor of the Fisher at that
-        site (``output_sensitivity``), planned greedily by predicted loss per parameter."""
-        options = {}
-        for u in units:
-            curve = run.error_curves[u.name]
-            key = output_score(u.layer, curve.site)
-            if key not in run.scores:
-                raise RecipeError("score", f"rule 'output' needs the Fisher of {curve.site} (score: fisher)")
-            options[u.name] = candidates(u, curve.error, run.scores[key])
+    def _curve_plan(self, run: RunState, units: list[Unit]) -> RankPlan:
+        """Planned greedily by predicted loss per parameter, as error_budget does."""
+        options = {u.name: self._curve_options(run, u) for u in units}
         total = run.geometry.total_linear_params
         budget = sum(u.dense_params for u in units) - run.target_ratio * total
         plan = RankPlan(ranks=plan_ranks(options, budget), allocator=self.name)
@@ -202,12 +201,10 @@ class FisherAllocator(Strategy):
 
     @hookimpl
     def lowrank_allocate(self, run: RunState, units: list[Unit]) -> RankPlan:
+        if self.args.needs_error_curves:
+            return self._curve_plan(run, units)
         geometry = run.geometry
-        if self.args.rule == "output":
-            return self._output_plan(run, units)
         importance = [unit_importance(u, run.scores, geometry) for u in units]
-        if self.args.rule == "truncation":
-            return self._truncation_plan(run, units, importance)
         sizes = [float(u.dense_params) for u in units]
         total = geometry.total_linear_params
         keep = uniform_fraction(units, total, run.target_ratio)
