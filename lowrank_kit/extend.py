@@ -10,6 +10,7 @@ from lowrank_kit.calibration.stats import (
     AbsMean,
     AngularChange,
     GradEnergy,
+    GradientGram,
     Gram,
     HeadGram,
     SquaredGrad,
@@ -17,9 +18,15 @@ from lowrank_kit.calibration.stats import (
     Tap,
 )
 from lowrank_kit.compressed.decoding import install as install_decoder
-from lowrank_kit.compressed.factorization import ProjectionFactorization, projection_units
+from lowrank_kit.compressed.factorization import (
+    ProjectionFactorization,
+    output_fisher,
+    projection_units,
+    watch_output_fisher,
+)
 from lowrank_kit.compressed.linalg import (
     Spectrum,
+    output_weighting,
     psd_cholesky,
     scaled_spectrum,
     svd_spectrum,
@@ -60,11 +67,12 @@ from lowrank_kit.recipe.schema import RecipeError
 
 __all__ = [
     "ATTENTION_PROJECTIONS", "MLP_PROJECTIONS", "PROJECTIONS", "AbsMean", "AngularChange", "ErrorCurve", "Geometry",
-    "GradEnergy", "Gram", "HeadGram", "HeadwiseLowRank", "LowRankLinear", "ModelAdapter", "NoArgs",
+    "GradEnergy", "GradientGram", "Gram", "HeadGram", "HeadwiseLowRank", "LowRankLinear", "ModelAdapter", "NoArgs",
     "ProjectionFactorization", "RankPlan", "RecipeError", "ResizedLinear", "RunState", "ScoreLevel", "SliceableRank",
     "Spectrum", "SquaredGrad", "Statistic", "Strategy", "StrategyRegistry", "Tap", "Unit", "ValueDimAttention",
     "achieved_ratio", "candidates", "capped_shares", "group_name", "hookimpl", "install_decoder",
-    "largest_meeting_target", "layer_name", "layer_score", "moved_argument", "plan_from_fractions", "plan_ranks",
-    "projection_name", "projection_score", "projection_units", "psd_cholesky", "scaled_spectrum", "shrink_values",
-    "statistic_key", "svd_spectrum", "symmetric_eigh", "uniform_fraction", "whitened_spectrum",
+    "largest_meeting_target", "layer_name", "layer_score", "moved_argument", "output_fisher", "output_weighting",
+    "plan_from_fractions", "plan_ranks", "projection_name", "projection_score", "projection_units", "psd_cholesky",
+    "scaled_spectrum", "shrink_values", "statistic_key", "svd_spectrum", "symmetric_eigh", "uniform_fraction",
+    "watch_output_fisher", "whitened_spectrum",
 ]

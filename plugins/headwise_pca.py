@@ -14,11 +14,18 @@ RoPE, float64. The projection becomes the per-head factors Q_h (d_h × r) and Q_
 (``HeadwiseLowRank``): the head dim stays d_h for q/k norms, RoPE and the key cache, so this
 saves parameters and multiply-adds but no cache; the output error is exactly the dropped
 eigenvalues. Each of q, k and v+o is its own unit, so an allocator may give them different ranks.
+
+``output_fisher: λ`` (an option, our extension; null keeps FLAT-LLM) weights each head's output
+error by that head's block R_h² of the projection's output Fisher (damped by λ, normalised;
+``output_weighting``): the basis becomes the eigenvectors U of R_h C_h R_h, the head's outputs
+are mapped by R_h⁻¹ U_r U_rᵀ R_h (an oblique projection: "down" U_rᵀ R_h, "up" R_h⁻¹ U_r), and
+the error in that metric is exactly the dropped eigenvalues. Attention is still linear in V, so
+for v+o the "down" part goes into v_proj and the "up" part into o_proj.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -36,16 +43,25 @@ from lowrank_kit.extend import (
     group_name,
     hookimpl,
     layer_name,
+    output_fisher,
     projection_name,
     shrink_values,
     statistic_key,
     symmetric_eigh,
+    watch_output_fisher,
 )
 
 
 @dataclass
 class HeadwisePcaArgs:
-    pass
+    output_fisher: float | None = field(default=None, metadata={
+        "help": "weight each head's output error by its block of the projection's output Fisher, damped by this "
+                "much (relative to its mean eigenvalue); null: every output direction alike (FLAT-LLM). Gathered "
+                "in the scoring pass (a backward per batch)"})
+
+    def check(self, path: str) -> None:
+        if self.output_fisher is not None and self.output_fisher < 0:
+            raise RecipeError(f"{path}.output_fisher", f"must be 0 or more (or null), got {self.output_fisher}")
 
 
 def value_bases(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,11 +70,21 @@ def value_bases(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values.flip(-1), vectors.flip(-1)
 
 
-def project_heads(attention: nn.Module, basis: torch.Tensor, groups: int, heads: int) -> tuple[nn.Linear, nn.Linear]:
+def weighted_bases(gram: torch.Tensor, root: torch.Tensor, inverse: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eigenvalues of R C R per head (descending), and the "down" R U and "up" R⁻¹ U bases
+    [H, d_h, d_h]: keeping r of them maps a head's outputs y to (R⁻¹U_r)(R U_r)ᵀ y."""
+    values, vectors = value_bases(root @ gram.to(torch.float64) @ root)
+    return values, root @ vectors, inverse @ vectors
+
+
+def project_heads(attention: nn.Module, basis: torch.Tensor, groups: int, heads: int,
+                  up: torch.Tensor | None = None) -> tuple[nn.Linear, nn.Linear]:
     """New v_proj (G·r rows) and o_proj (H·r columns) for a per-group basis [G, d_h, r].
 
     Both are rank-major (row k·G + g, column k·H + h; see lowrank_kit.attention), so the first
-    ρ dims of every head form a contiguous slice for progressive decoding.
+    ρ dims of every head form a contiguous slice for progressive decoding. ``up``: a different
+    basis for o_proj (an oblique projection, ``weighted_bases``); by default the same.
     """
     v, o = attention.v_proj, attention.o_proj
     head_dim, rank = basis.shape[1], basis.shape[2]
@@ -67,7 +93,7 @@ def project_heads(attention: nn.Module, basis: torch.Tensor, groups: int, heads:
     new_v = nn.Linear(v.in_features, groups * rank, bias=v.bias is not None, dtype=dtype, device=v.weight.device)
     new_o = nn.Linear(heads * rank, o.out_features, bias=o.bias is not None, dtype=dtype, device=o.weight.device)
     # Query head h reads KV group h // (H/G), the layout of transformers' repeat_kv.
-    per_head = basis.repeat_interleave(heads // groups, dim=0)  # [H, d_h, r]
+    per_head = (basis if up is None else up).repeat_interleave(heads // groups, dim=0)  # [H, d_h, r]
     wo = o.weight.detach().to(torch.float64).view(o.out_features, heads, head_dim)
     with torch.no_grad():
         new_v.weight.copy_(torch.einsum("gir,gid->rgd", basis, wv).reshape(rank * groups, -1))
@@ -80,18 +106,20 @@ def project_heads(attention: nn.Module, basis: torch.Tensor, groups: int, heads:
     return new_v, new_o
 
 
-def project_queries(weight: torch.Tensor, bias: torch.Tensor | None, basis: torch.Tensor) -> HeadwiseLowRank:
+def project_queries(weight: torch.Tensor, bias: torch.Tensor | None, basis: torch.Tensor,
+                    up: torch.Tensor | None = None) -> HeadwiseLowRank:
     """q_proj/k_proj as per-head factors from a per-head basis [H, d_h, r] (H: query or KV heads).
 
     Head h's output block W_h x + b_h becomes Q_h (Q_hᵀ W_h x + Q_hᵀ b_h): the head keeps its
     d_h output dims for RoPE and attention; what it loses is the part of its outputs outside Q_h.
+    ``up``: a different basis for the per-head "up" factor (``weighted_bases``); by default Q_h.
     """
     heads, head_dim, rank = basis.shape
     dtype, device = weight.dtype, weight.device
     w = weight.detach().to(torch.float64).view(heads, head_dim, -1)
     module = HeadwiseLowRank(w.shape[-1], heads, head_dim, rank, bias=bias is not None, dtype=dtype, device=device)
     with torch.no_grad():
-        module.a.copy_(basis)
+        module.a.copy_(basis if up is None else up)
         module.b.copy_(torch.einsum("hir,hid->rhd", basis, w).reshape(rank * heads, -1))
         if bias is not None:
             b = bias.detach().to(torch.float64).view(heads, head_dim)
@@ -123,6 +151,20 @@ class HeadwisePca(Strategy):
     def _key(run: RunState, layer: int, projection: str = "v_proj") -> str:
         return statistic_key(HeadGram, run.adapter.output_site(layer, projection))
 
+    @property  # type: ignore[override]
+    def needs_dense_statistics(self) -> bool:
+        return self.args.output_fisher is not None
+
+    def _bases(self, run: RunState, layer: int, site: str
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Eigenvalues, "down" basis and "up" basis (None: the same) per head of ``site``'s outputs."""
+        gram = run.stat(self._key(run, layer, site)).sum
+        if self.args.output_fisher is None:
+            values, vectors = value_bases(gram)
+            return values, vectors, None
+        root, inverse = output_fisher(run, layer, site, self.args.output_fisher, blocks=gram.shape[0])
+        return weighted_bases(gram, root, inverse)
+
     def _kinds(self) -> list[str]:
         """The unit kinds this instance rewrites: "q_proj", "k_proj", "v_proj+o_proj"."""
         kinds = [p for p in ("q_proj", "k_proj") if p in self.targets]
@@ -148,6 +190,13 @@ class HeadwisePca(Strategy):
         return units
 
     @hookimpl
+    def lowrank_collect_dense(self, run: RunState, tap: Tap) -> None:
+        if self.args.output_fisher is not None:
+            for unit in run.units:
+                if unit.transform == self.name:
+                    watch_output_fisher(run, tap, unit.layer, unit.projections[0])
+
+    @hookimpl
     def lowrank_collect_layer(self, run: RunState, tap: Tap, layer: int) -> None:
         for unit, _ in run.pending(self.name, layer):
             site = unit.projections[0]  # value states for v+o, the projection's own output for q/k
@@ -161,7 +210,7 @@ class HeadwisePca(Strategy):
         curves = []
         for unit in run.units_of(self.name, layer):
             site = unit.projections[0]
-            values, _ = value_bases(run.stat(self._key(run, layer, site)).sum)
+            values, _, _ = self._bases(run, layer, site)
             curves.append(ErrorCurve.from_tail(unit.name, site, values.clamp_min(0).sum(0).tolist()))
         return curves
 
@@ -169,15 +218,16 @@ class HeadwisePca(Strategy):
     def lowrank_transform(self, run: RunState, layer: int) -> None:
         for unit, rank in run.pending(self.name, layer):
             site = unit.projections[0]
-            values, vectors = value_bases(run.stat(self._key(run, layer, site)).sum)
+            values, vectors, up = self._bases(run, layer, site)
+            up = None if up is None else up[:, :, :rank]
             if site == "v_proj":
                 attention = run.adapter.attention(layer)
                 new_v, new_o = project_heads(attention, vectors[:, :, :rank], run.geometry.kv_heads,
-                                             run.geometry.heads)
+                                             run.geometry.heads, up)
                 shrink_values(attention, new_v, new_o, rank)
             else:
                 dense = run.adapter.projection(layer, site)
-                run.adapter.replace(layer, site, project_queries(dense.weight, dense.bias, vectors[:, :, :rank]))
+                run.adapter.replace(layer, site, project_queries(dense.weight, dense.bias, vectors[:, :, :rank], up))
             dropped = values[:, rank:].sum() / values.sum()
             notes = run.notes.setdefault(self.name, {}).setdefault(layer_name(layer), {})
             if site == "v_proj":

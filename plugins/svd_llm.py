@@ -2,28 +2,48 @@
 
 Truncating W S (S S^T = X^T X) loses exactly the squared dropped singular values in output
 error on the calibration inputs. Works on GQA models: k/v shapes come from the adapter.
+
+``output_fisher: λ`` (an option, our extension; null keeps SVD-LLM) also weights the output
+side: the SVD is of R W S, with R² the projection's output Fisher Σ gᵀg (loss gradients at its
+output, gathered in the scoring pass) damped by λ and scaled to mean eigenvalue 1
+(``output_weighting``). SVD-LLM treats an error in every output direction alike; the loss does
+not, and with both Kronecker factors of the Fisher the truncation minimises the second-order
+loss increase K-FAC predicts.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from lowrank_kit.extend import (
     Gram,
     ProjectionFactorization,
+    RecipeError,
+    RunState,
     Spectrum,
     Statistic,
     StrategyRegistry,
+    Tap,
+    Unit,
     hookimpl,
+    output_fisher,
+    watch_output_fisher,
     whitened_spectrum,
 )
 
 
 @dataclass
 class SvdLlmArgs:
-    pass
+    output_fisher: float | None = field(default=None, metadata={
+        "help": "weight output errors by the projection's output Fisher, damped by this much (relative to its "
+                "mean eigenvalue): the truncation then minimises the loss increase K-FAC predicts; null: every "
+                "output direction alike (SVD-LLM). Gathered in the scoring pass (a backward per batch)"})
+
+    def check(self, path: str) -> None:
+        if self.output_fisher is not None and self.output_fisher < 0:
+            raise RecipeError(f"{path}.output_fisher", f"must be 0 or more (or null), got {self.output_fisher}")
 
 
 class SvdLlm(ProjectionFactorization):
@@ -32,8 +52,25 @@ class SvdLlm(ProjectionFactorization):
     Args = SvdLlmArgs
     statistic = Gram
 
+    @property  # type: ignore[override]
+    def needs_dense_statistics(self) -> bool:
+        return self.args.output_fisher is not None
+
     def spectrum(self, weight: torch.Tensor, stat: Statistic | None) -> Spectrum:
         return whitened_spectrum(weight, stat.matrix)
+
+    @hookimpl
+    def lowrank_collect_dense(self, run: RunState, tap: Tap) -> None:
+        if self.args.output_fisher is not None:
+            for unit in run.units:
+                if unit.transform == self.name:
+                    watch_output_fisher(run, tap, unit.layer, unit.projection)
+
+    def unit_spectrum(self, run: RunState, unit: Unit, weight: torch.Tensor, stat: Statistic | None) -> Spectrum:
+        if self.args.output_fisher is None:
+            return self.spectrum(weight, stat)
+        weighting = output_fisher(run, unit.layer, unit.projection, self.args.output_fisher)
+        return whitened_spectrum(weight, stat.matrix, weighting)
 
 
 @hookimpl

@@ -13,6 +13,7 @@ from conftest import ByteTokenizer, sample_ids, tiny_model, tiny_recipe
 from lowrank_kit_plugins.error_budget import ErrorBudget, ErrorBudgetArgs
 
 from lowrank_kit import compress
+from lowrank_kit.compressed.linalg import output_weighting
 from lowrank_kit.compressed.plan import ErrorCurve, RankPlan, Unit, achieved_ratio, candidates, plan_ranks
 from lowrank_kit.data.texts import calibration_windows, heldout_windows, load_text, tokenize
 from lowrank_kit.models.adapters import adapter_for
@@ -140,7 +141,7 @@ def _dense_inputs(model, windows: torch.Tensor) -> dict[tuple[int, str], torch.T
     seen: dict[tuple[int, str], list[torch.Tensor]] = {}
     handles = []
     for index in range(len(adapter.layers)):
-        for name in ("q_proj", "k_proj", "gate_proj"):
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"):
             module = adapter.projection(index, name)
             handles.append(module.register_forward_hook(
                 lambda m, a, o, key=(index, name): seen.setdefault(key, []).append(a[0].reshape(-1, a[0].shape[-1]))))
@@ -183,6 +184,62 @@ def test_curves_equal_the_measured_output_error_at_the_planned_rank(tmp_path: Pa
         checked += 1
     assert checked == len(run.units)
     assert result.report["achieved_ratio"] == pytest.approx(0.3, abs=0.01)
+
+
+def test_output_fisher_curves_equal_the_weighted_error_at_the_planned_rank(tmp_path: Path) -> None:
+    """With output_fisher, svd_llm's and Nyström's curves are the output error in the metric of the
+    damped, normalised output Fisher (R² = F̃): at the planned rank, ‖R (y_dense − y)‖² measured on
+    the dense calibration inputs. The Fisher is Σ gᵀg of the loss gradient at the output, so its
+    trace per output dim is output_gradient's score."""
+    model = tiny_model("llama").double()
+    dense = copy.deepcopy(model)
+    recipe = tiny_recipe(tmp_path, "svd_llm", 0.3, **BUDGET)
+    recipe["calibration"]["pipeline"] = "dense_input"
+    recipe["runtime"]["precision"] = "64-true"
+    recipe["transform"] = [{"plugin": "svd_llm", "targets": ["q_proj", "v_proj", "o_proj"], "output_fisher": 0.1},
+                           {"plugin": "nystrom", "selection": "greedy", "output_fisher": 0.5}]
+    result = compress(recipe, model=model, tokenizer=ByteTokenizer(), progress=False)
+    run = result.run
+    inputs = _dense_inputs(dense, run.calibration)
+    dense_adapter, adapter = adapter_for(dense), adapter_for(result.model)
+    compressed = 0
+    for u in run.units:
+        rank = run.plan.rank(u)
+        site = "down_proj" if u.transform == "nystrom" else u.projection
+        fisher = run.stats[f"GradientGram:layers.{u.layer}.{site}_output"].matrix
+        width = fisher.shape[0]
+        assert float(fisher.trace()) / width == pytest.approx(run.scores[f"layers.{u.layer}.{site}"], rel=1e-6)
+        root, _ = output_weighting(fisher, 0.5 if u.transform == "nystrom" else 0.1)
+        assert float((root @ root).trace()) == pytest.approx(width)  # mean eigenvalue 1
+        with torch.no_grad():
+            if u.transform == "nystrom":
+                x = inputs[(u.layer, "gate_proj")]
+                error = dense_adapter.layers[u.layer].mlp(x) - adapter.layers[u.layer].mlp(x)
+            else:
+                x = inputs[(u.layer, site)]
+                error = dense_adapter.projection(u.layer, site)(x) - adapter.projection(u.layer, site)(x)
+        measured = (error.reshape(-1, width) @ root).pow(2).sum()
+        predicted = run.error_curves[u.name].error[rank] if not u.is_dense(rank) else 0.0
+        assert float(measured) == pytest.approx(predicted, rel=1e-5, abs=1e-8), (u.name, rank)
+        compressed += not u.is_dense(rank)
+    assert compressed > len(run.units) // 2
+    assert result.report["achieved_ratio"] == pytest.approx(0.3, abs=0.01)
+
+
+def test_a_transform_reading_the_output_fisher_runs_the_scoring_pass_even_when_scores_are_cached(
+        tmp_path: Path) -> None:
+    """The statistics of the scoring pass are not cached, only the scores: a transform that reads
+    them (output_fisher) runs the pass again, and without any score strategy in the recipe too."""
+    recipe = tiny_recipe(tmp_path, "svd_llm", 0.3, **BUDGET)
+    recipe["transform"] = [{"plugin": "svd_llm", "output_fisher": 0.1}]
+    first = compress(recipe, model=tiny_model("llama"), tokenizer=ByteTokenizer(), progress=False)
+    again = compress(recipe, model=tiny_model("llama"), tokenizer=ByteTokenizer(), progress=False, overwrite=True)
+    assert first.run.notes["scores"] == again.run.notes["scores"] == {"cached": False}
+    assert again.run.plan.ranks == first.run.plan.ranks
+    uniform = tiny_recipe(tmp_path, "svd_llm", 0.3, transform=[{"plugin": "svd_llm", "output_fisher": 0.1}])
+    result = compress(uniform, model=tiny_model("llama"), tokenizer=ByteTokenizer(), progress=False, overwrite=True)
+    assert "GradientGram:layers.0.q_proj_output" in result.run.stats
+    assert result.report["achieved_ratio"] == pytest.approx(0.3, abs=0.03)
 
 
 def test_error_budget_drives_every_transform_kind(tmp_path: Path) -> None:

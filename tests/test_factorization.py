@@ -10,7 +10,7 @@ from lowrank_kit_plugins.svd import Svd
 from lowrank_kit_plugins.svd_llm import SvdLlm
 
 from lowrank_kit.calibration.stats import Gram, Tap
-from lowrank_kit.compressed.linalg import scaled_spectrum, svd_spectrum, whitened_spectrum
+from lowrank_kit.compressed.linalg import output_weighting, scaled_spectrum, svd_spectrum, whitened_spectrum
 from lowrank_kit.compressed.modules import LowRankLinear
 from lowrank_kit.models.adapters import PROJECTIONS, adapter_for
 from lowrank_kit.pipeline.replay import LayerInputs, capture, run_layer
@@ -29,6 +29,30 @@ def test_whitened_truncation_error_equals_dropped_singular_values() -> None:
         # and it beats plain SVD on the data, which only minimises the weight error
         pa, pb = svd_spectrum(weight).factors(rank)
         assert error <= ((weight - pa @ pb) @ x.T).pow(2).sum() + 1e-9
+
+
+def test_output_weighted_truncation_minimises_the_fisher_weighted_error() -> None:
+    """With the output Fisher F of a projection, the SVD of R W S (R² = F̃, F normalised to mean
+    eigenvalue 1) drops exactly σ² of ‖R (W − A B) Xᵀ‖², beats SVD-LLM's factors in that metric,
+    and becomes SVD-LLM's as the damping grows."""
+    torch.manual_seed(0)
+    weight = torch.randn(24, 40, dtype=torch.float64)
+    x = torch.randn(500, 40, dtype=torch.float64) @ torch.randn(40, 40, dtype=torch.float64)
+    g = torch.randn(300, 24, dtype=torch.float64) * torch.logspace(0, -3, 24, dtype=torch.float64)  # anisotropic
+    fisher, gram = g.T @ g, x.T @ x
+    root, inverse = output_weighting(fisher, 0.0)
+    assert torch.allclose(root @ root, fisher * 24 / fisher.trace(), atol=1e-10)
+    assert torch.allclose(root @ inverse, torch.eye(24, dtype=torch.float64), atol=1e-8)
+    spectrum = whitened_spectrum(weight, gram, (root, inverse))
+    for rank in (1, 5, 17):
+        a, b = spectrum.factors(rank)
+        weighted = (root @ (weight - a @ b) @ x.T).pow(2).sum()
+        assert torch.allclose(weighted, spectrum.s[rank:].pow(2).sum(), rtol=1e-8)
+        pa, pb = whitened_spectrum(weight, gram).factors(rank)
+        assert weighted < (root @ (weight - pa @ pb) @ x.T).pow(2).sum()
+    far = whitened_spectrum(weight, gram, output_weighting(fisher, 1e9)).factors(5)
+    plain = whitened_spectrum(weight, gram).factors(5)
+    assert torch.allclose(far[0] @ far[1], plain[0] @ plain[1], atol=1e-6)
 
 
 def test_whitening_survives_a_singular_gram() -> None:

@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ByteTokenizer, sample_ids, tiny_model, tiny_recipe
-from lowrank_kit_plugins.headwise_pca import project_heads, project_queries, value_bases
+from lowrank_kit_plugins.headwise_pca import project_heads, project_queries, value_bases, weighted_bases
 
 from lowrank_kit import compress, load_pretrained
 from lowrank_kit.calibration.stats import HeadGram, Tap
+from lowrank_kit.compressed.linalg import output_weighting
 from lowrank_kit.compressed.modules import HeadwiseLowRank
 from lowrank_kit.models.adapters import adapter_for
 from lowrank_kit.models.attention import ValueDimAttention, shrink_values
@@ -177,6 +178,85 @@ def test_query_key_error_equals_dropped_eigenvalues(family: str) -> None:
         with torch.no_grad():
             error = (dense_module(x) - small(x)).pow(2).sum()
         assert torch.allclose(error, values[:, rank:].sum(), rtol=1e-6), (index, name)
+
+
+def random_weighting(width: int, heads: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head blocks of a damped, normalised output Fisher of random anisotropic gradients."""
+    generator = torch.Generator().manual_seed(seed)
+    g = torch.randn(200, width, generator=generator, dtype=torch.float64)
+    g = g * torch.logspace(0, -2, width, dtype=torch.float64)[torch.randperm(width, generator=generator)]
+    return output_weighting(g.T @ g, 0.05, blocks=heads)
+
+
+def weighted_error(diff: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
+    """Σ over tokens and heads of ‖R_h e_h‖² for an output error ``diff`` [.., H·d_h]."""
+    heads, head_dim = root.shape[:2]
+    return torch.einsum("hij,nhj->nhi", root, diff.reshape(-1, heads, head_dim)).pow(2).sum()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_weighted_query_key_error_equals_dropped_eigenvalues(family: str) -> None:
+    """Under an output Fisher weighting R_h per head, the oblique projection (R⁻¹U_r)(R U_r)ᵀ loses
+    exactly the dropped eigenvalues of R C R in the R-weighted error, biases included, and less
+    there than the unweighted PCA does; at full rank it is exact."""
+    model = tiny_model(family).double()
+    adapter = adapter_for(model)
+    rank = 3
+    bases = query_key_bases(model, sample_ids(n=2, length=40, seed=4))
+    for (index, name), (_values, plain_vectors, x) in bases.items():
+        dense_module = adapter.projection(index, name)
+        heads = plain_vectors.shape[0]
+        root, inverse = random_weighting(heads * adapter.geometry.head_dim, heads, seed=index)
+        tap = Tap()
+        stat = tap.watch(name, dense_module, HeadGram(adapter.geometry.head_dim), where="output")
+        with torch.no_grad():
+            dense = dense_module(x)
+        tap.close()
+        values, down, up = weighted_bases(stat.sum, root, inverse)
+        small = project_queries(dense_module.weight, dense_module.bias, down[:, :, :rank], up[:, :, :rank])
+        plain = project_queries(dense_module.weight, dense_module.bias, plain_vectors[:, :, :rank])
+        full = project_queries(dense_module.weight, dense_module.bias, down, up)
+        with torch.no_grad():
+            errors = [weighted_error(dense - module(x), root) for module in (small, plain, full)]
+        assert torch.allclose(errors[0], values[:, rank:].sum(), rtol=1e-6), (index, name)
+        assert errors[0] < errors[1]
+        assert float(errors[2]) < 1e-12 * float(values.sum())
+
+
+def test_weighted_values_are_attention_on_obliquely_projected_values() -> None:
+    """The weighted v/o rewrite equals dense attention whose values pass (R⁻¹U_r)(R U_r)ᵀ per group."""
+    model = tiny_model("llama").double()  # 4 query heads, 2 KV groups
+    adapter = adapter_for(model)
+    g = adapter.geometry
+    root, inverse = random_weighting(g.kv_heads * g.head_dim, g.kv_heads, seed=0)
+    torch.manual_seed(0)
+    y = torch.randn(300, g.kv_heads, g.head_dim, dtype=torch.float64)
+    _values, down, up = weighted_bases(torch.einsum("ngi,ngj->gij", y, y), root, inverse)
+    down, up = down[:, :, :6], up[:, :, :6]
+    reference = tiny_model("llama").double()
+    ref_attention = adapter_for(reference).attention(0)
+    with torch.no_grad():
+        wv = ref_attention.v_proj.weight.view(g.kv_heads, g.head_dim, -1)
+        projected = torch.einsum("gir,gjr,gjd->gid", up, down, wv)
+        ref_attention.v_proj.weight.copy_(projected.reshape_as(ref_attention.v_proj.weight))
+    attention = adapter.attention(0)
+    new_v, new_o = project_heads(attention, down, g.kv_heads, g.heads, up)
+    shrink_values(attention, new_v, new_o, 6)
+    ids = sample_ids(n=1, length=20)
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-9)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma3"])
+def test_weighted_head_wise_pca_compresses_saves_and_reloads(tmp_path: Path, family: str) -> None:
+    recipe = tiny_recipe(tmp_path, "headwise_pca", 0.3, score="output_gradient", allocate="error_budget")
+    recipe["transform"] = [{"plugin": "headwise_pca", "targets": ["q_proj", "k_proj", "v_proj", "o_proj"],
+                            "output_fisher": 0.1}, {"plugin": "nystrom", "output_fisher": 0.1}]
+    result = compress(recipe, model=tiny_model(family), tokenizer=ByteTokenizer(), progress=False)
+    assert result.report["achieved_ratio"] == pytest.approx(0.3, abs=0.01)
+    ids = sample_ids(n=2, length=32)
+    with torch.no_grad():
+        assert torch.equal(result.model(input_ids=ids).logits, load_pretrained(result.output_dir)(input_ids=ids).logits)
 
 
 def test_query_key_rank_slice_equals_the_truncated_module() -> None:

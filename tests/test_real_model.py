@@ -133,3 +133,23 @@ def test_disk_offloading_reads_the_checkpoint_lazily_and_gives_the_same_model(tm
     ids = torch.arange(100, 164)[None]
     with torch.no_grad():
         assert torch.equal(disk.model(input_ids=ids).logits, load_pretrained(disk.output_dir)(input_ids=ids).logits)
+
+
+def test_output_fisher_weighting_lowers_perplexity_on_the_real_model(tmp_path: Path,
+                                                                     smollm2: tuple[Any, Any]) -> None:
+    """SVD-LLM attention and a greedy Nyström MLP under error_budget (recipes/svd_nystrom_kfac.yaml
+    without the refinement), with and without the output Fisher weighting of the truncations."""
+    model, tokenizer = smollm2
+    perplexity = {}
+    for damping in (None, 0.01):
+        transform = [{"plugin": "svd_llm", "targets": ["q_proj", "k_proj", "v_proj", "o_proj"],
+                      "output_fisher": damping},
+                     {"plugin": "nystrom", "selection": "greedy", "output_fisher": damping}]
+        result = compress(real_recipe(tmp_path, "svd_llm", 0.2, name=f"real-kfac-{damping}", score="output_gradient",
+                                      allocate="error_budget", transform=transform,
+                                      output={"dir": str(tmp_path / f"kfac-{damping}"),
+                                              "cache_dir": str(tmp_path / "cache")}),
+                          model=copy.deepcopy(model), tokenizer=tokenizer, progress=False)
+        assert abs(result.report["achieved_ratio"] - 0.2) <= 0.002
+        perplexity[damping] = result.report["evaluation"][0]["compressed"]
+    assert perplexity[0.01] < perplexity[None]

@@ -71,6 +71,12 @@ class Gram(Statistic):
         return self.sum
 
 
+class GradientGram(Gram):
+    """Σ gᵀg over tokens of the loss gradient g = ∂L/∂y at a module's output (fed by
+    ``Tap.watch_output_grad``): the output-side Kronecker factor of the Fisher of its weight,
+    which says in which output directions an error costs loss."""
+
+
 class AbsMean(Statistic):
     """Σ |x|^p per input channel and the token count (ASVD's activation scale)."""
 

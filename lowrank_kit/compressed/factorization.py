@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from lowrank_kit.calibration.stats import Gram, Statistic, Tap
-from lowrank_kit.compressed.linalg import Spectrum
+from lowrank_kit.calibration.stats import GradientGram, Gram, Statistic, Tap
+from lowrank_kit.compressed.linalg import Spectrum, output_weighting
 from lowrank_kit.compressed.modules import LowRankLinear
 from lowrank_kit.compressed.plan import ErrorCurve, Unit
 from lowrank_kit.extension.hookspecs import hookimpl
@@ -35,6 +35,23 @@ def projection_units(run: RunState, transform: str, targets: tuple[str, ...]) ->
                               transform=transform, dense_params=out * inp, rank_cost=out + inp,
                               max_rank=min(out, inp), factorised=True))
     return units
+
+
+def output_fisher_key(run: RunState, layer: int, projection: str) -> str:
+    """The key of a projection's output Fisher (``GradientGram``), gathered by the scoring pass."""
+    return statistic_key(GradientGram, run.adapter.output_site(layer, projection))
+
+
+def watch_output_fisher(run: RunState, tap: Tap, layer: int, projection: str) -> None:
+    """Gather a projection's output Fisher in the scoring pass (a backward pass per batch)."""
+    tap.watch_output_grad(output_fisher_key(run, layer, projection), run.adapter.projection(layer, projection),
+                          GradientGram())
+
+
+def output_fisher(run: RunState, layer: int, projection: str, damping: float,
+                  blocks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, R⁻¹) of the projection's damped, normalised output Fisher (``output_weighting``)."""
+    return output_weighting(run.stat(output_fisher_key(run, layer, projection)).matrix, damping, blocks)
 
 
 class ProjectionFactorization(Strategy):
@@ -70,6 +87,11 @@ class ProjectionFactorization(Strategy):
         assert self.statistic is not None
         return self.statistic()
 
+    def unit_spectrum(self, run: RunState, unit: Unit, weight: torch.Tensor, stat: Statistic | None) -> Spectrum:
+        """``spectrum`` of one unit; a transform that also reads other statistics of the run
+        (e.g. an output Fisher) overrides this instead."""
+        return self.spectrum(weight, stat)
+
     def _spectrum(self, run: RunState, layer: int, unit: Unit) -> Spectrum:
         dense = run.adapter.projection(layer, unit.projection)
         stat_key = self._key(run, layer, unit.projection) if self.statistic is not None else None
@@ -77,7 +99,7 @@ class ProjectionFactorization(Strategy):
         # The same weight and statistic give the same spectrum at every rank: a bench computes
         # it once for all ratios and for every recipe using this transform with these arguments.
         return run.dense_result(f"spectrum|{self.name}|{to_dict(self.args)}|{unit.name}|{stat_key}",
-                                partial(self.spectrum, dense.weight.detach(), stat),
+                                partial(self.unit_spectrum, run, unit, dense.weight.detach(), stat),
                                 reads_statistics=stat is not None)
 
     @hookimpl
@@ -94,11 +116,14 @@ class ProjectionFactorization(Strategy):
         curves = []
         for unit in run.units_of(self.name, layer):
             gram = run.stat(statistic_key(Gram, run.adapter.input_site(layer, unit.projection))).matrix
-            a, b = self._spectrum(run, layer, unit).factors(unit.max_rank)
+            spectrum = self._spectrum(run, layer, unit)
+            a, b = spectrum.factors(unit.max_rank, weighted=True)
             left = a.pow(2).sum(0)
             dropped = left * ((b @ gram.to(b.dtype)) * b).sum(1)
-            curves.append(ErrorCurve.from_tail(unit.name, unit.projection, dropped.tolist(),
-                                               (left * b.pow(2).sum(1)).tolist()))
+            # Under an output weighting the error is in its metric and the unweighted aᵢ are not
+            # orthogonal, so no exact weight error comes with it.
+            weight = (left * b.pow(2).sum(1)).tolist() if spectrum.unweight is None else None
+            curves.append(ErrorCurve.from_tail(unit.name, unit.projection, dropped.tolist(), weight))
         return curves
 
     @hookimpl

@@ -45,18 +45,23 @@ class Spectrum:
     vh: torch.Tensor
     whitening: torch.Tensor | None = None  # lower S with S Sᵀ = XᵀX
     scale: torch.Tensor | None = None  # per input channel
+    unweight: torch.Tensor | None = None  # R⁻¹ of an output weighting R (``output_weighting``)
 
-    def factors(self, rank: int) -> Pair:
+    def factors(self, rank: int, weighted: bool = False) -> Pair:
+        """A (out × r), B (r × in) with W ≈ A B; ``weighted``: A before the output weighting is
+        undone (R A, whose columns are orthogonal), for errors measured in the weighted metric."""
         a, b = factors_from_svd(self.u, self.s, self.vh, rank)
         if self.whitening is not None:  # B S = Σ½Vᵀ: a triangular solve, no inverse
             b = torch.linalg.solve_triangular(self.whitening, b, upper=False, left=False)
         if self.scale is not None:
             b = b / self.scale
+        if self.unweight is not None and not weighted:
+            a = self.unweight @ a
         return a, b
 
     @property
     def nbytes(self) -> int:
-        parts = (self.u, self.s, self.vh, self.whitening, self.scale)
+        parts = (self.u, self.s, self.vh, self.whitening, self.scale, self.unweight)
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
 
@@ -121,14 +126,49 @@ def shared_whitening(gram: torch.Tensor) -> torch.Tensor:
     return factor
 
 
-def whitened_spectrum(weight: torch.Tensor, gram: torch.Tensor) -> Spectrum:
+def output_weighting(fisher: torch.Tensor, damping: float, blocks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """R = F̃^½ and R⁻¹ for the output Fisher F = Σ gᵀg of a projection (``GradientGram``).
+
+    F̃ = (F + λ·m·I) / ((1 + λ)·m), with m = trace(F)/d_out and λ = ``damping``: damped as
+    K-FAC damps its factors (the directions the few calibration gradients never visit keep a
+    floor), and scaled to mean eigenvalue 1, so an error measured in the F̃ metric stays in the
+    units of a plain squared output error (×d_out/trace) and a per-output sensitivity of
+    ``output_gradient`` still turns it into loss; λ → ∞ gives R = I.
+
+    ``blocks`` > 1: only the diagonal blocks of F̃ (one per head, [blocks, d, d] each), for
+    transforms that work head by head; what couples two heads' errors is left out.
+    """
+    fisher = fisher.to(torch.float64)
+    dim = fisher.shape[0]
+    mean = fisher.diagonal().sum() / dim
+    if blocks > 1:
+        size = dim // blocks
+        fisher = torch.stack([fisher[i * size:(i + 1) * size, i * size:(i + 1) * size] for i in range(blocks)])
+    eye = torch.eye(fisher.shape[-1], dtype=fisher.dtype, device=fisher.device)
+    values, vectors = symmetric_eigh(fisher + damping * mean * eye)
+    values = values.clamp_min(float(values.max()) * 1e-12) / ((1.0 + damping) * mean)
+    root = values.sqrt().unsqueeze(-2)
+    return (vectors * root) @ vectors.mT, (vectors / root) @ vectors.mT
+
+
+def whitened_spectrum(weight: torch.Tensor, gram: torch.Tensor,
+                      output: tuple[torch.Tensor, torch.Tensor] | None = None) -> Spectrum:
     """SVD-LLM: the SVD of W S, with the whitening S Sᵀ = XᵀX.
 
     ‖(W − A B) Xᵀ‖² = ‖(W − A B) S‖², so truncating W S loses exactly the squared dropped
     singular values in output error on the calibration inputs.
+
+    ``output`` = (R, R⁻¹) from ``output_weighting``: the SVD of R W S instead, so truncation
+    minimises ‖R (W − A B) Xᵀ‖², the output error weighted by the output Fisher (with the input
+    Gram XᵀX, the two Kronecker factors of the weight's Fisher: the second-order loss increase
+    K-FAC predicts), and loses exactly the dropped σ² in that metric; R⁻¹ is undone on A.
     """
     s_factor = shared_whitening(gram)
-    return Spectrum(*thin_svd(weight.to(torch.float64) @ s_factor), whitening=s_factor)
+    weight = weight.to(torch.float64)
+    if output is None:
+        return Spectrum(*thin_svd(weight @ s_factor), whitening=s_factor)
+    root, inverse = output
+    return Spectrum(*thin_svd(root @ weight @ s_factor), whitening=s_factor, unweight=inverse)
 
 
 def scaled_spectrum(weight: torch.Tensor, scale: torch.Tensor) -> Spectrum:

@@ -41,8 +41,9 @@ def lowrank_register(registry: StrategyRegistry) -> None:
 def lowrank_collect_dense(run: RunState, tap: Tap) -> None:
     """Attach statistic gatherers for the dense scoring pass over the whole model (pass 1).
 
-    Runs only when the recipe has a score strategy; results land in ``run.stats`` once the pass
-    is over, before ``lowrank_score``. Attach with ``tap.watch`` (forward) or ``tap.watch_grad``
+    Runs only when the recipe has a score strategy or a transform sets ``needs_dense_statistics``;
+    results land in ``run.stats`` once the pass is over, before ``lowrank_score``, and stay there
+    for the whole run. Attach with ``tap.watch`` (forward) or ``tap.watch_grad``
     (a backward pass per batch).
     """
 

@@ -51,6 +51,10 @@ class Strategy:
     # Allocators that plan from the transforms' truncation-error curves (``run.error_curves``):
     # the engine runs the error-curve pass over the dense model before allocating.
     needs_error_curves: ClassVar[bool] = False
+    # Transforms that read statistics of the scoring pass (``lowrank_collect_dense``, e.g. an
+    # output Fisher): the engine then runs that pass even without a score strategy, and even
+    # when the scores are cached (statistics are not).
+    needs_dense_statistics: ClassVar[bool] = False
     # Allocators that refine their plan by measurement: after each plan the engine measures every
     # decoder layer's loss increase when it alone is compressed at that plan (``run.layer_losses``,
     # on ``refine_windows`` held-out windows of the calibration text) and asks again, this many times.

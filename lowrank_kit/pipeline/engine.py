@@ -156,7 +156,7 @@ class Engine:
             target = self.recipe.target  # one rounding and one break-even for every allocator (Unit)
             run.units = [dataclasses.replace(u, multiple=target.multiple, break_even=target.break_even)
                          for units in pm.hook.lowrank_units(run=run) for u in units]
-            if self.recipe.score:
+            if self.recipe.score or self._transforms_need_dense_statistics(pm):
                 with self.phase("score"):
                     self._scores(run, pm)
             if any(getattr(strategy, "needs_error_curves", False) is True for strategy in pm.get_plugins()):
@@ -409,6 +409,13 @@ class Engine:
         return evaluate(run.model, run.tokenizer, spec, run.adapter.needs_bos, run.fabric,
                         desc=f"{label} {spec.metric}", progress=self._progress, dense=dense)
 
+    @staticmethod
+    def _transforms_need_dense_statistics(pm: pluggy.PluginManager) -> bool:
+        """Whether a transform reads statistics of the scoring pass (``lowrank_collect_dense``), which
+        then runs even when the scores come from the cache (statistics are not cached)."""
+        return any(getattr(s, "point", None) == "transform" and getattr(s, "needs_dense_statistics", False) is True
+                   for s in pm.get_plugins())
+
     def _scores(self, run: RunState, pm: pluggy.PluginManager) -> None:
         """Importances from the cache when the same model, data and scorers were seen before."""
         recipe = run.recipe
@@ -422,7 +429,7 @@ class Engine:
         keeps = self.checkpoints if self.checkpoint else None  # a bench resumes by cell instead
         if cached is None and keeps is not None:
             cached = keeps.scores()
-        if cached is not None:
+        if cached is not None and not self._transforms_need_dense_statistics(pm):
             run.scores.update(cached)
             run.notes["scores"] = {"cached": True}
             return
