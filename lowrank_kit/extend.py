@@ -20,6 +20,7 @@ from lowrank_kit.calibration.stats import (
 from lowrank_kit.compressed.decoding import install as install_decoder
 from lowrank_kit.compressed.factorization import (
     ProjectionFactorization,
+    check_output_fisher,
     output_fisher,
     projection_units,
     watch_output_fisher,
@@ -70,7 +71,7 @@ __all__ = [
     "GradEnergy", "GradientGram", "Gram", "HeadGram", "HeadwiseLowRank", "LowRankLinear", "ModelAdapter", "NoArgs",
     "ProjectionFactorization", "RankPlan", "RecipeError", "ResizedLinear", "RunState", "ScoreLevel", "SliceableRank",
     "Spectrum", "SquaredGrad", "Statistic", "Strategy", "StrategyRegistry", "Tap", "Unit", "ValueDimAttention",
-    "achieved_ratio", "candidates", "capped_shares", "group_name", "hookimpl", "install_decoder",
+    "achieved_ratio", "candidates", "capped_shares", "check_output_fisher", "group_name", "hookimpl", "install_decoder",
     "largest_meeting_target", "layer_name", "layer_score", "moved_argument", "output_fisher", "output_weighting",
     "plan_from_fractions", "plan_ranks", "projection_name", "projection_score", "projection_units", "psd_cholesky",
     "scaled_spectrum", "shrink_values", "statistic_key", "svd_spectrum", "symmetric_eigh", "uniform_fraction",

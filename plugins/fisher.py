@@ -182,7 +182,8 @@ class FisherAllocator(Strategy):
         if self.args.rule == "truncation":
             if not curve.weight_error:
                 raise RecipeError("allocate.rule", f"'truncation' needs weight-space error curves, which transform "
-                                                   f"'{unit.transform}' does not report; use rule: ranks")
+                                                   f"'{unit.transform}' does not report (nor any transform with "
+                                                   "output_fisher); use rule: ranks or output")
             return candidates(unit, curve.weight_error, unit_importance(unit, run.scores, run.geometry) ** 2)
         key = output_score(unit.layer, curve.site)
         if key not in run.scores:

@@ -40,6 +40,7 @@ from lowrank_kit.extend import (
     StrategyRegistry,
     Tap,
     Unit,
+    check_output_fisher,
     group_name,
     hookimpl,
     layer_name,
@@ -60,8 +61,7 @@ class HeadwisePcaArgs:
                 "in the scoring pass (a backward per batch)"})
 
     def check(self, path: str) -> None:
-        if self.output_fisher is not None and self.output_fisher < 0:
-            raise RecipeError(f"{path}.output_fisher", f"must be 0 or more (or null), got {self.output_fisher}")
+        check_output_fisher(path, self.output_fisher)
 
 
 def value_bases(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,6 +33,7 @@ place of W_down, so channels are kept for what the loss feels rather than for ra
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +50,7 @@ from lowrank_kit.extend import (
     StrategyRegistry,
     Tap,
     Unit,
+    check_output_fisher,
     group_name,
     hookimpl,
     output_fisher,
@@ -82,8 +84,7 @@ class NystromArgs:
         if self.selection not in SELECTIONS:
             raise RecipeError(f"{path}.selection", f"must be one of {', '.join(SELECTIONS)}, got "
                                                    f"'{self.selection}'")
-        if self.output_fisher is not None and self.output_fisher < 0:
-            raise RecipeError(f"{path}.output_fisher", f"must be 0 or more (or null), got {self.output_fisher}")
+        check_output_fisher(path, self.output_fisher)
 
 
 def leverage_scores(gram: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -212,10 +213,17 @@ class Nystrom(Strategy):
 
     @hookimpl
     def lowrank_collect_dense(self, run: RunState, tap: Tap) -> None:
-        if self.args.output_fisher is not None:
-            for unit in run.units:
-                if unit.transform == self.name:
-                    watch_output_fisher(run, tap, unit.layer, "down_proj")
+        if self.args.output_fisher is None:
+            return
+        allocator = run.recipe.allocate
+        if self.args.selection == "leverage" and not allocator.cls.needs_error_curves:
+            warnings.warn(f"nystrom: output_fisher with selection: leverage changes only the error curve, which "
+                          f"allocator '{allocator.plugin}' does not read; it is ignored (use selection: greedy)",
+                          stacklevel=2)
+            return
+        for unit in run.units:
+            if unit.transform == self.name:
+                watch_output_fisher(run, tap, unit.layer, "down_proj")
 
     @hookimpl
     def lowrank_units(self, run: RunState) -> list[Unit]:
@@ -254,7 +262,10 @@ class Nystrom(Strategy):
         gram = run.stat(self._key(run, layer)).matrix
         adapter = run.adapter
         down = adapter.projection(layer, "down_proj")
-        keep = self._order(gram, self._weighted(run, layer, down.weight.detach()), count=k).sort().values
+        weight = down.weight.detach()
+        if self.args.selection == "greedy":  # leverage scores never read the weight
+            weight = self._weighted(run, layer, weight)
+        keep = self._order(gram, weight, count=k).sort().values
         new_down = ResizedLinear(k, down.out_features, bias=down.bias is not None, dtype=down.weight.dtype,
                                  device=down.weight.device)
         with torch.no_grad():

@@ -20,13 +20,13 @@ import torch
 from lowrank_kit.extend import (
     Gram,
     ProjectionFactorization,
-    RecipeError,
     RunState,
     Spectrum,
     Statistic,
     StrategyRegistry,
     Tap,
     Unit,
+    check_output_fisher,
     hookimpl,
     output_fisher,
     watch_output_fisher,
@@ -42,8 +42,7 @@ class SvdLlmArgs:
                 "output direction alike (SVD-LLM). Gathered in the scoring pass (a backward per batch)"})
 
     def check(self, path: str) -> None:
-        if self.output_fisher is not None and self.output_fisher < 0:
-            raise RecipeError(f"{path}.output_fisher", f"must be 0 or more (or null), got {self.output_fisher}")
+        check_output_fisher(path, self.output_fisher)
 
 
 class SvdLlm(ProjectionFactorization):

@@ -60,6 +60,12 @@ def statistics_per_layer(c: Config) -> dict[str, float]:
     }
 
 
+def output_fisher_per_layer(c: Config) -> int:
+    """Bytes of the float64 output Fishers svd_nystrom_kfac keeps per layer (q, k, v, o, down outputs)."""
+    q, kv = c.heads * c.head_dim, c.kv_heads * c.head_dim
+    return (q**2 + 2 * kv**2 + 2 * c.hidden**2) * 8
+
+
 def report(c: Config, tokens: int, dtype_bytes: int) -> None:
     layer = c.layer_params * dtype_bytes
     inputs = tokens * c.hidden * dtype_bytes
@@ -76,6 +82,9 @@ def report(c: Config, tokens: int, dtype_bytes: int) -> None:
     for label, size in statistics_per_layer(c).items():
         print(f"| statistics of one layer, {label} | float64 | {size / GB:.2f} GB |")
     print(f"| Fisher sums (flrc, every decoder weight) | {c.layers * c.layer_params:,} × 4 | {fisher / GB:.1f} GB |")
+    kfac = output_fisher_per_layer(c)
+    print(f"| output Fishers (svd_nystrom_kfac, all layers at once) | {c.layers} × {kfac:,} | "
+          f"{c.layers * kfac / GB:.1f} GB |")
     print(f"| weight gradients of a backward pass (Fisher) | {c.layers * c.layer_params:,} × {dtype_bytes} | "
           f"{grads / GB:.1f} GB |")
     macs = tokens * c.params

@@ -17,6 +17,10 @@ from lowrank_kit.compressed.linalg import output_weighting
 from lowrank_kit.compressed.plan import ErrorCurve, RankPlan, Unit, achieved_ratio, candidates, plan_ranks
 from lowrank_kit.data.texts import calibration_windows, heldout_windows, load_text, tokenize
 from lowrank_kit.models.adapters import adapter_for
+from lowrank_kit.pipeline import passes
+from lowrank_kit.pipeline.callbacks import Callback
+from lowrank_kit.recipe.loading import from_raw
+from lowrank_kit.recipe.schema import RecipeError
 
 BUDGET = {"score": "output_gradient", "allocate": "error_budget"}
 
@@ -186,7 +190,8 @@ def test_curves_equal_the_measured_output_error_at_the_planned_rank(tmp_path: Pa
     assert result.report["achieved_ratio"] == pytest.approx(0.3, abs=0.01)
 
 
-def test_output_fisher_curves_equal_the_weighted_error_at_the_planned_rank(tmp_path: Path) -> None:
+def test_output_fisher_curves_equal_the_weighted_error_at_the_planned_rank(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """With output_fisher, svd_llm's and Nyström's curves are the output error in the metric of the
     damped, normalised output Fisher (R² = F̃): at the planned rank, ‖R (y_dense − y)‖² measured on
     the dense calibration inputs. The Fisher is Σ gᵀg of the loss gradient at the output, so its
@@ -198,6 +203,7 @@ def test_output_fisher_curves_equal_the_weighted_error_at_the_planned_rank(tmp_p
     recipe["runtime"]["precision"] = "64-true"
     recipe["transform"] = [{"plugin": "svd_llm", "targets": ["q_proj", "v_proj", "o_proj"], "output_fisher": 0.1},
                            {"plugin": "nystrom", "selection": "greedy", "output_fisher": 0.5}]
+    monkeypatch.setattr(passes, "_drop_layer_statistics", lambda run, index: None)  # keep them to check
     result = compress(recipe, model=model, tokenizer=ByteTokenizer(), progress=False)
     run = result.run
     inputs = _dense_inputs(dense, run.calibration)
@@ -229,16 +235,39 @@ def test_output_fisher_curves_equal_the_weighted_error_at_the_planned_rank(tmp_p
 def test_a_transform_reading_the_output_fisher_runs_the_scoring_pass_even_when_scores_are_cached(
         tmp_path: Path) -> None:
     """The statistics of the scoring pass are not cached, only the scores: a transform that reads
-    them (output_fisher) runs the pass again, and without any score strategy in the recipe too."""
+    them (output_fisher) runs the pass again (the cached scores are kept), and without any score
+    strategy in the recipe too."""
+
+    class Passes(Callback):
+        def __init__(self) -> None:
+            self.labels: list[str] = []
+
+        def on_batches_start(self, run: object, label: str, total: int) -> None:
+            self.labels.append(label)
+
     recipe = tiny_recipe(tmp_path, "svd_llm", 0.3, **BUDGET)
     recipe["transform"] = [{"plugin": "svd_llm", "output_fisher": 0.1}]
     first = compress(recipe, model=tiny_model("llama"), tokenizer=ByteTokenizer(), progress=False)
-    again = compress(recipe, model=tiny_model("llama"), tokenizer=ByteTokenizer(), progress=False, overwrite=True)
-    assert first.run.notes["scores"] == again.run.notes["scores"] == {"cached": False}
+    seen = Passes()
+    again = compress(recipe, model=tiny_model("llama"), tokenizer=ByteTokenizer(), progress=False, overwrite=True,
+                     callbacks=[seen])
+    assert (first.run.notes["scores"], again.run.notes["scores"]) == ({"cached": False}, {"cached": True})
+    assert "score (forward + backward)" in seen.labels
     assert again.run.plan.ranks == first.run.plan.ranks
     uniform = tiny_recipe(tmp_path, "svd_llm", 0.3, transform=[{"plugin": "svd_llm", "output_fisher": 0.1}])
     result = compress(uniform, model=tiny_model("llama"), tokenizer=ByteTokenizer(), progress=False, overwrite=True)
-    assert "GradientGram:layers.0.q_proj_output" in result.run.stats
+    assert result.report["achieved_ratio"] == pytest.approx(0.3, abs=0.03)
+    assert not result.run.stats  # every layer's output Fisher was freed once the layer was compressed
+
+
+def test_output_fisher_is_refused_without_damping_and_ignored_where_nothing_reads_it(tmp_path: Path) -> None:
+    for plugin in ("svd_llm", "nystrom", "headwise_pca"):
+        with pytest.raises(RecipeError, match=r"transform\[0\]\.output_fisher: must be positive"):
+            from_raw(tiny_recipe(tmp_path, plugin, 0.3, transform=[{"plugin": plugin, "output_fisher": 0}]))
+    recipe = tiny_recipe(tmp_path, "nystrom", 0.3, score="angular_importance", allocate="iprs",
+                         transform=[{"plugin": "nystrom", "output_fisher": 0.1}])
+    with pytest.warns(UserWarning, match="changes only the error curve, which allocator 'iprs' does not read"):
+        result = compress(recipe, model=tiny_model("llama"), tokenizer=ByteTokenizer(), progress=False)
     assert result.report["achieved_ratio"] == pytest.approx(0.3, abs=0.03)
 
 

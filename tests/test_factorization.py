@@ -40,8 +40,12 @@ def test_output_weighted_truncation_minimises_the_fisher_weighted_error() -> Non
     x = torch.randn(500, 40, dtype=torch.float64) @ torch.randn(40, 40, dtype=torch.float64)
     g = torch.randn(300, 24, dtype=torch.float64) * torch.logspace(0, -3, 24, dtype=torch.float64)  # anisotropic
     fisher, gram = g.T @ g, x.T @ x
-    root, inverse = output_weighting(fisher, 0.0)
+    root, inverse = output_weighting(fisher, 1e-12)
     assert torch.allclose(root @ root, fisher * 24 / fisher.trace(), atol=1e-10)
+    with pytest.raises(ValueError, match="damping > 0"):
+        output_weighting(fisher, 0.0)
+    with pytest.raises(ValueError, match="no gradient energy"):
+        output_weighting(torch.zeros_like(fisher), 0.01)
     assert torch.allclose(root @ inverse, torch.eye(24, dtype=torch.float64), atol=1e-8)
     spectrum = whitened_spectrum(weight, gram, (root, inverse))
     for rank in (1, 5, 17):

@@ -30,6 +30,12 @@ RECIPES: dict[str, dict[str, Any]] = {
     "flat": {"score": "angular_importance", "allocate": "iprs",
              "transform": [{"plugin": "headwise_pca", "targets": ["v_proj", "o_proj"]},
                            {"plugin": "nystrom", "targets": ["gate_proj", "up_proj", "down_proj"]}]},
+    # statistics of the scoring pass read by the transforms (an output Fisher): the pass runs again on
+    # resume for them, and the plan still comes from the stored scores
+    "kfac": {"score": "output_gradient", "allocate": "error_budget",
+             "transform": [{"plugin": "svd_llm", "targets": ["q_proj", "k_proj", "v_proj", "o_proj"],
+                            "output_fisher": 0.1},
+                           {"plugin": "nystrom", "selection": "greedy", "output_fisher": 0.1}]},
     # the dense model's statistics (SVD-LLM's whitening)
     "svd_llm": {"calibration": {"dataset": "austen-emma", "samples": 8, "seq_len": 64, "seed": 0, "batch_size": 4,
                                 "pipeline": "dense_input"},
@@ -96,7 +102,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path: Path, kind: str
     resumed = run(raw, resume=True)
     assert weights_sha(resumed.output_dir) == weights_sha(reference.output_dir)
     assert resumed.report["notes"]["resumed"] == {"from_layer": 4}
-    run_only = ("resumed", "scores", "checkpoint_s")
+    run_only = ("resumed", "scores", "error_curves", "checkpoint_s")  # what this run found cached or resumed
     notes = {k: v for k, v in resumed.report["notes"].items() if k not in run_only}
     assert notes == {k: v for k, v in reference.report["notes"].items() if k not in run_only}
     assert "Resumed an interrupted run from decoder layer 4" in (resumed.output_dir / "report.md").read_text()

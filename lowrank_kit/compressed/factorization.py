@@ -18,7 +18,7 @@ from lowrank_kit.compressed.plan import ErrorCurve, Unit
 from lowrank_kit.extension.hookspecs import hookimpl
 from lowrank_kit.extension.keys import PROJECTIONS, projection_name, statistic_key
 from lowrank_kit.extension.strategy import Strategy
-from lowrank_kit.recipe.schema import to_dict
+from lowrank_kit.recipe.schema import RecipeError, to_dict
 
 if TYPE_CHECKING:
     from lowrank_kit.pipeline.state import RunState
@@ -46,6 +46,15 @@ def watch_output_fisher(run: RunState, tap: Tap, layer: int, projection: str) ->
     """Gather a projection's output Fisher in the scoring pass (a backward pass per batch)."""
     tap.watch_output_grad(output_fisher_key(run, layer, projection), run.adapter.projection(layer, projection),
                           GradientGram())
+
+
+def check_output_fisher(path: str, damping: float | None) -> None:
+    """A transform's ``output_fisher`` must be null or a positive damping: with none, output directions
+    that no calibration gradient reached would cost nothing to cut."""
+    if damping is not None and not damping > 0:
+        raise RecipeError(f"{path}.output_fisher", f"must be positive (e.g. 0.01) or null, got {damping}: without "
+                                                   "damping, output directions no calibration gradient reached "
+                                                   "would cost nothing")
 
 
 def output_fisher(run: RunState, layer: int, projection: str, damping: float,

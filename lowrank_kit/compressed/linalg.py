@@ -141,6 +141,11 @@ def output_weighting(fisher: torch.Tensor, damping: float, blocks: int = 1) -> t
     fisher = fisher.to(torch.float64)
     dim = fisher.shape[0]
     mean = fisher.diagonal().sum() / dim
+    if not (torch.isfinite(fisher).all() and mean > 0):
+        raise ValueError("the output Fisher holds no gradient energy or non-finite values (gradients overflowed? "
+                         "try runtime.precision: 32-true)")
+    if damping <= 0 or dim % blocks:
+        raise ValueError(f"output weighting needs damping > 0 and whole blocks, got {damping} and {dim}/{blocks}")
     if blocks > 1:
         size = dim // blocks
         fisher = torch.stack([fisher[i * size:(i + 1) * size, i * size:(i + 1) * size] for i in range(blocks)])

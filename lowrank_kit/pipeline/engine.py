@@ -429,7 +429,12 @@ class Engine:
         keeps = self.checkpoints if self.checkpoint else None  # a bench resumes by cell instead
         if cached is None and keeps is not None:
             cached = keeps.scores()
-        if cached is not None and not self._transforms_need_dense_statistics(pm):
+        if cached is not None:
+            if self._transforms_need_dense_statistics(pm):
+                # The pass runs for the transforms' statistics only: the scores stay the cached
+                # ones (a resumed run's restored layers were cut at the plan made from them).
+                ScoringPass().run(self._context(run, pm))
+                run.scores.clear()
             run.scores.update(cached)
             run.notes["scores"] = {"cached": True}
             return

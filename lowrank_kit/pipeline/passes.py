@@ -32,6 +32,7 @@ from torch import nn
 
 from lowrank_kit.calibration.stats import Statistic, Tap
 from lowrank_kit.compressed.plan import RankPlan
+from lowrank_kit.extension.keys import layer_name
 from lowrank_kit.persistence.checkpoint import Checkpoints
 from lowrank_kit.pipeline.cache import statistic_identity
 from lowrank_kit.pipeline.replay import LayerInputs, Spill, capture, run_layer
@@ -141,6 +142,7 @@ class LayerPass:
                     run.stats.pop(key, None)
                 if checkpoints is not None:
                     checkpoints.save_layer(run, index)
+            _drop_layer_statistics(run, index)
             ctx.emit("on_layer_end", index)
         self.spill.close()
         if self.spill.written:
@@ -382,6 +384,15 @@ class LayerLossPass(LayerPass):
 
 # calibration.pipeline → the layer pass it names (recipe.spec's DataSpec lists the same names).
 LAYER_PASSES: dict[str, type[LayerPass]] = {cls.name: cls for cls in (SequentialPass, DenseInputPass)}
+
+
+def _drop_layer_statistics(run: RunState, index: int) -> None:
+    """Free what the scoring pass gathered at layer ``index`` once the layer is compressed: its
+    scores are computed, and a transform reading its statistics (an output Fisher, d_out² per
+    projection) has used them. Statistic keys name their site (``extension.keys``)."""
+    marker = f":{layer_name(index)}."
+    for key in [k for k in run.stats if marker in k]:
+        del run.stats[key]
 
 
 def _check_finite(run: RunState, index: int, stats: dict[str, Statistic]) -> None:
