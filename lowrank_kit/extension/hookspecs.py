@@ -43,7 +43,8 @@ def lowrank_collect_dense(run: RunState, tap: Tap) -> None:
 
     Runs only when the recipe has a score strategy or a transform sets ``needs_dense_statistics``;
     results land in ``run.stats`` once the pass is over, before ``lowrank_score``, and stay there
-    for the whole run. Attach with ``tap.watch`` (forward) or ``tap.watch_grad``
+    until the compression pass is done with their layer (keys at a layer's sites, ``site_name``,
+    are freed then; other keys stay for the whole run). Attach with ``tap.watch`` (forward) or ``tap.watch_grad``
     (a backward pass per batch).
     """
 

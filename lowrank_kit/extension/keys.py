@@ -53,6 +53,13 @@ def statistic_key(statistic: type | str, where: str) -> str:
     return f"{kind}:{where}"
 
 
+def is_layer_statistic(key: str, layer: int) -> bool:
+    """Whether a statistic key (``statistic_key``) was taken in decoder layer ``layer``: at the layer
+    itself (``AngularChange:layers.3``) or at one of its sites (``Gram:layers.3.mlp_input``)."""
+    where = key.partition(":")[2]
+    return where == layer_name(layer) or where.startswith(f"{layer_name(layer)}.")
+
+
 def layer_score(layer: int) -> str:
     """The key of a per-layer importance (score level ``layer``)."""
     return layer_name(layer)

@@ -32,7 +32,7 @@ from torch import nn
 
 from lowrank_kit.calibration.stats import Statistic, Tap
 from lowrank_kit.compressed.plan import RankPlan
-from lowrank_kit.extension.keys import layer_name
+from lowrank_kit.extension.keys import is_layer_statistic
 from lowrank_kit.persistence.checkpoint import Checkpoints
 from lowrank_kit.pipeline.cache import statistic_identity
 from lowrank_kit.pipeline.replay import LayerInputs, Spill, capture, run_layer
@@ -130,6 +130,7 @@ class LayerPass:
                 self.skip(index)
                 with run.layer_in(index, changed=True):
                     checkpoints.restore_layer(run, index)
+                _drop_layer_statistics(run, index)
                 ctx.emit("on_layer_end", index)
                 continue
             with run.layer_in(index, changed=True):
@@ -138,11 +139,9 @@ class LayerPass:
                 _check_finite(run, index, gathered)
                 run.stats.update(gathered)
                 ctx.pm.hook.lowrank_transform(run=run, layer=index)
-                for key in gathered:  # a layer's statistics are not needed once it is compressed
-                    run.stats.pop(key, None)
+                _drop_layer_statistics(run, index)
                 if checkpoints is not None:
                     checkpoints.save_layer(run, index)
-            _drop_layer_statistics(run, index)
             ctx.emit("on_layer_end", index)
         self.spill.close()
         if self.spill.written:
@@ -387,11 +386,10 @@ LAYER_PASSES: dict[str, type[LayerPass]] = {cls.name: cls for cls in (Sequential
 
 
 def _drop_layer_statistics(run: RunState, index: int) -> None:
-    """Free what the scoring pass gathered at layer ``index`` once the layer is compressed: its
-    scores are computed, and a transform reading its statistics (an output Fisher, d_out² per
-    projection) has used them. Statistic keys name their site (``extension.keys``)."""
-    marker = f":{layer_name(index)}."
-    for key in [k for k in run.stats if marker in k]:
+    """Free every statistic of layer ``index`` once the layer is compressed (or restored): the ones
+    this pass gathered for it, and the scoring pass's (an output Fisher, d_out² per projection),
+    whose scores are computed and whose transforms have read them."""
+    for key in [k for k in run.stats if is_layer_statistic(k, index)]:
         del run.stats[key]
 
 
