@@ -433,8 +433,7 @@ class Engine:
             if self._transforms_need_dense_statistics(pm):
                 # The pass runs for the transforms' statistics only: the scores stay the cached
                 # ones (a resumed run's restored layers were cut at the plan made from them).
-                ScoringPass().run(self._context(run, pm))
-                run.scores.clear()
+                ScoringPass(transforms_only=True).run(self._context(run, pm))
             run.scores.update(cached)
             run.notes["scores"] = {"cached": True}
             return

@@ -67,12 +67,22 @@ class PassContext:
 
 
 class ScoringPass:
-    """Pass 1 on the dense model: gather whole-model statistics, then importances."""
+    """Pass 1 on the dense model: gather whole-model statistics, then importances.
+
+    With ``transforms_only`` (the scores are cached) only the statistics transforms read are
+    gathered, and nothing is scored: no scorer's gradients are taken again."""
+
+    def __init__(self, transforms_only: bool = False):
+        self.transforms_only = transforms_only
 
     def run(self, ctx: PassContext) -> None:
         run = ctx.run
+        collect = ctx.pm.hook.lowrank_collect_dense
+        if self.transforms_only:
+            others = [s for s in ctx.pm.get_plugins() if getattr(s, "point", None) != "transform"]
+            collect = ctx.pm.subset_hook_caller("lowrank_collect_dense", remove_plugins=others)
         tap = Tap()
-        ctx.pm.hook.lowrank_collect_dense(run=run, tap=tap)
+        collect(run=run, tap=tap)
         label = "score (forward + backward)" if tap.backward else "score"
         resident = contextlib.ExitStack()
         if tap.backward and run.offload is not None and run.offload.active:
@@ -81,7 +91,7 @@ class ScoringPass:
             tap.close()
             resident.enter_context(run.offload.everything())
             tap = Tap()
-            ctx.pm.hook.lowrank_collect_dense(run=run, tap=tap)
+            collect(run=run, tap=tap)
         with resident, _gradients_only_for(run.model, tap.grad_params, tap.activation_grads):
             for batch in ctx.progress(ctx.batches(), ctx.batch_count, label):
                 if tap.backward:
@@ -97,6 +107,8 @@ class ScoringPass:
                     with torch.no_grad(), run.fabric.autocast():
                         run.adapter.decoder(input_ids=batch, use_cache=False)
         run.stats.update(tap.close(ctx.reduce()))
+        if self.transforms_only:
+            return
         for scores in ctx.pm.hook.lowrank_score(run=run):
             clash = set(scores) & set(run.scores)
             if clash:
