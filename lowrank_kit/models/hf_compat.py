@@ -25,7 +25,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager
 
 # The range the test suite ran against (docs/quickstart.md lists the locked set); pyproject.toml
 # declares the same bounds. The upper bound is the first release not tested.
-TESTED_FROM, TESTED_BELOW = Version("5.23.0"), Version("5.25")
+TESTED_FROM, TESTED_BELOW = Version("5.23.0"), Version("5.26")
 # Spellings of the forward's KV-cache keyword, newest first.
 CACHE_KEYWORDS = ("cache", "past_key_values")
 
