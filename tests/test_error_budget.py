@@ -269,6 +269,19 @@ def test_output_fisher_is_refused_without_damping_and_ignored_where_nothing_read
     with pytest.warns(UserWarning, match="changes only the error curve, which allocator 'iprs' does not read"):
         result = compress(recipe, model=tiny_model("llama"), tokenizer=ByteTokenizer(), progress=False)
     assert result.report["achieved_ratio"] == pytest.approx(0.3, abs=0.03)
+    # With the scores cached there is nothing left to gather, so no calibration pass runs for it.
+    labels: list[str] = []
+
+    class Passes(Callback):
+        def on_batches_start(self, run: object, label: str, total: int) -> None:
+            labels.append(label)
+
+    with pytest.warns(UserWarning, match="does not read"):
+        again = compress(recipe, model=tiny_model("llama"), tokenizer=ByteTokenizer(), progress=False,
+                         overwrite=True, callbacks=[Passes()])
+    assert again.run.notes["scores"] == {"cached": True}
+    assert labels and not any(label.startswith("score") for label in labels)
+    assert again.run.plan.ranks == result.run.plan.ranks
 
 
 def test_error_budget_drives_every_transform_kind(tmp_path: Path) -> None:

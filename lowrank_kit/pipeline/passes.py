@@ -83,6 +83,8 @@ class ScoringPass:
             collect = ctx.pm.subset_hook_caller("lowrank_collect_dense", remove_plugins=others)
         tap = Tap()
         collect(run=run, tap=tap)
+        if self.transforms_only and not tap.stats:
+            return  # nothing to gather (e.g. a weighting the recipe's allocator ignores): no forward pass
         label = "score (forward + backward)" if tap.backward else "score"
         resident = contextlib.ExitStack()
         if tap.backward and run.offload is not None and run.offload.active:
