@@ -46,16 +46,16 @@ echo "transformers $newest ($where the declared range $declared); running the ti
 status=$?
 if [ $status -eq 0 ]; then
   if [ "$where" = outside ]; then
-    box "PASSED on transformers $newest, past the declared range $declared: raise the upper bound in pyproject.toml and lowrank_kit/hf_compat.py once \`make test\` passes on it too (make lock)."
+    box "PASSED on transformers $newest, past the declared range $declared: raise the upper bound in pyproject.toml, lowrank_kit/models/hf_compat.py and docs/quickstart.md once \`make test\` passes on it too (make lock)."
   else
     box "PASSED on transformers $newest (inside the declared range $declared)."
   fi
   exit 0
 fi
 if [ "$where" = inside ]; then
-  box "FAILED on transformers $newest, which the declared range $declared lets users install: fix lowrank_kit/hf_compat.py or lower the bound."
+  box "FAILED on transformers $newest, which the declared range $declared lets users install: fix lowrank_kit/models/hf_compat.py or lower the bound."
   exit 1
 fi
-box "WARNING: transformers $newest BREAKS lowrank-kit (the tests above). Users are held below it by the declared range $declared and make/CI use the lock, so nothing is broken today; adapt lowrank_kit/hf_compat.py before raising the bound."
+box "WARNING: transformers $newest BREAKS lowrank-kit (the tests above). Users are held below it by the declared range $declared and make/CI use the lock, so nothing is broken today; adapt lowrank_kit/models/hf_compat.py before raising the bound."
 [ "${STRICT_NEWEST:-0}" = 1 ] && exit 1
 exit 0

@@ -83,7 +83,7 @@ class ScoringPass:
             collect = ctx.pm.subset_hook_caller("lowrank_collect_dense", remove_plugins=others)
         tap = Tap()
         collect(run=run, tap=tap)
-        if self.transforms_only and not tap.stats:
+        if self.transforms_only and not tap.stats and not tap.backward:
             return  # nothing to gather (e.g. a weighting the recipe's allocator ignores): no forward pass
         label = "score (forward + backward)" if tap.backward else "score"
         resident = contextlib.ExitStack()
