@@ -20,6 +20,7 @@ from lowrank_kit.compressed.modules import LowRankLinear
 from lowrank_kit.extension.manager import registry
 from lowrank_kit.pipeline import passes as passes_module
 from lowrank_kit.pipeline.cache import DenseStore
+from lowrank_kit.pipeline.callbacks import Callback
 from lowrank_kit.pipeline.engine import Engine
 from lowrank_kit.recipe.schema import RecipeError
 from lowrank_kit.reporting.report import decoder_linear_params
@@ -173,6 +174,31 @@ def test_store_shares_factorisations_only_of_dense_inputs(tmp_path: Path) -> Non
         alone = Engine(second, progress=False, overwrite=True).run(copy.deepcopy(dense), ByteTokenizer())
         with torch.no_grad():
             assert torch.equal(with_store.model(input_ids=ids).logits, alone.model(input_ids=ids).logits)
+
+
+def test_store_shares_output_fishers_so_a_later_ratio_runs_no_scoring_pass(tmp_path: Path) -> None:
+    """The output Fishers of the scoring pass are the dense model's: with them stored (and the scores
+    cached), a second ratio runs no scoring pass and compresses exactly as a run without the store."""
+    seen: list[str] = []
+
+    class Passes(Callback):
+        def on_batches_start(self, run: object, label: str, total: int) -> None:
+            seen.append(label)
+
+    dense = tiny_model("llama")
+    weighted = [{"plugin": "svd_llm", "output_fisher": 0.1}]
+    store = DenseStore()
+    first = resolve_recipe(tiny_recipe(tmp_path / "a", "svd_llm", 0.2, transform=weighted))
+    Engine(first, progress=False, store=store).run(copy.deepcopy(dense), ByteTokenizer())
+    assert any(k.startswith("scoring|") for k in store._items)
+    second = resolve_recipe(tiny_recipe(tmp_path / "b", "svd_llm", 0.4, transform=weighted))
+    shared = Engine(second, progress=False, store=store, callbacks=[Passes()]).run(copy.deepcopy(dense),
+                                                                                 ByteTokenizer())
+    assert seen and not any(label.startswith("score") for label in seen)
+    alone = Engine(second, progress=False, overwrite=True).run(copy.deepcopy(dense), ByteTokenizer())
+    ids = sample_ids()
+    with torch.no_grad():
+        assert torch.equal(shared.model(input_ids=ids).logits, alone.model(input_ids=ids).logits)
 
 
 def test_store_keeps_nothing_past_its_memory_limit() -> None:

@@ -181,6 +181,11 @@ class Tap:
         self._handles.append(module.register_forward_hook(hook))
         return stat
 
+    @property
+    def has_backward_callbacks(self) -> bool:
+        """Whether something reads gradients after each backward pass (not only into statistics)."""
+        return bool(self._after_backward)
+
     def backward_done(self) -> None:
         for callback in self._after_backward:
             callback()

@@ -426,6 +426,7 @@ class Engine:
             "score": [c.to_dict() for c in recipe.score],
         }
         cached = cache.get("scores", key)
+        run.store, run.store_base = self.store, json.dumps(self._data_key(run), sort_keys=True, default=str)
         keeps = self.checkpoints if self.checkpoint else None  # a bench resumes by cell instead
         if cached is None and keeps is not None:
             cached = keeps.scores()

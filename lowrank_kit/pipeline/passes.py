@@ -70,21 +70,60 @@ class ScoringPass:
     """Pass 1 on the dense model: gather whole-model statistics, then importances.
 
     With ``transforms_only`` (the scores are cached) only the statistics transforms read are
-    gathered, and nothing is scored: no scorer's gradients are taken again."""
+    gathered, and nothing is scored: no scorer's gradients are taken again. The transforms'
+    statistics (e.g. output Fishers) depend only on the dense model and data, so a bench's
+    DenseStore keeps them: a later cell whose scores are cached then runs no pass at all."""
 
     def __init__(self, transforms_only: bool = False):
         self.transforms_only = transforms_only
 
+    def _collect(self, ctx: PassContext, tap: Tap) -> set[str]:
+        """Attach the pass's statistics to ``tap``; the keys the transforms asked for."""
+        plugins = ctx.pm.get_plugins()
+        transforms = [s for s in plugins if getattr(s, "point", None) == "transform"]
+        others = [s for s in plugins if getattr(s, "point", None) != "transform"]
+        ctx.pm.subset_hook_caller("lowrank_collect_dense", remove_plugins=others)(run=ctx.run, tap=tap)
+        keys = set(tap.stats)
+        if not self.transforms_only:
+            ctx.pm.subset_hook_caller("lowrank_collect_dense", remove_plugins=transforms)(run=ctx.run, tap=tap)
+        return keys
+
+    def _identity(self, ctx: PassContext, key: str, stat: Statistic) -> str:
+        # Backward chunks change only the rounding of a gradient sum, but stored means bit-identical.
+        return f"scoring|{statistic_identity(key, stat)}|chunk={ctx.run.recipe.runtime.backward_chunk}"
+
+    def _stored(self, ctx: PassContext, tap: Tap) -> dict[str, Statistic] | None:
+        """Every statistic ``tap`` asks for, from the store; None when one is missing (or when a
+        strategy reads gradients after each backward pass, which only the pass itself can serve)."""
+        store, base = ctx.run.store, ctx.run.store_base
+        if store is None or not tap.stats or tap.has_backward_callbacks:
+            return None
+        found = {key: store.get(base, self._identity(ctx, key, stat)) for key, stat in tap.stats.items()}
+        return None if any(stat is None for stat in found.values()) else found
+
     def run(self, ctx: PassContext) -> None:
         run = ctx.run
-        collect = ctx.pm.hook.lowrank_collect_dense
-        if self.transforms_only:
-            others = [s for s in ctx.pm.get_plugins() if getattr(s, "point", None) != "transform"]
-            collect = ctx.pm.subset_hook_caller("lowrank_collect_dense", remove_plugins=others)
         tap = Tap()
-        collect(run=run, tap=tap)
+        transform_keys = self._collect(ctx, tap)
         if self.transforms_only and not tap.stats and not tap.backward:
             return  # nothing to gather (e.g. a weighting the recipe's allocator ignores): no forward pass
+        found = self._stored(ctx, tap)
+        if found is not None:  # every statistic asked for is a transform's, stored by an earlier cell
+            tap.close()
+            run.stats.update(found)
+        else:
+            self._gather(ctx, tap, transform_keys)
+        if self.transforms_only:
+            return
+        for scores in ctx.pm.hook.lowrank_score(run=run):
+            clash = set(scores) & set(run.scores)
+            if clash:
+                raise RuntimeError(f"two score strategies both scored {sorted(clash)[:3]}")
+            run.scores.update(scores)
+
+    def _gather(self, ctx: PassContext, tap: Tap, transform_keys: set[str]) -> None:
+        """The dense model over the calibration batches (and a backward pass per batch if asked)."""
+        run = ctx.run
         label = "score (forward + backward)" if tap.backward else "score"
         resident = contextlib.ExitStack()
         if tap.backward and run.offload is not None and run.offload.active:
@@ -93,7 +132,7 @@ class ScoringPass:
             tap.close()
             resident.enter_context(run.offload.everything())
             tap = Tap()
-            collect(run=run, tap=tap)
+            self._collect(ctx, tap)
         with resident, _gradients_only_for(run.model, tap.grad_params, tap.activation_grads):
             for batch in ctx.progress(ctx.batches(), ctx.batch_count, label):
                 if tap.backward:
@@ -108,14 +147,13 @@ class ScoringPass:
                 else:  # the decoder stack only: statistics never need the vocabulary-sized logits
                     with torch.no_grad(), run.fabric.autocast():
                         run.adapter.decoder(input_ids=batch, use_cache=False)
-        run.stats.update(tap.close(ctx.reduce()))
-        if self.transforms_only:
-            return
-        for scores in ctx.pm.hook.lowrank_score(run=run):
-            clash = set(scores) & set(run.scores)
-            if clash:
-                raise RuntimeError(f"two score strategies both scored {sorted(clash)[:3]}")
-            run.scores.update(scores)
+        gathered = tap.close(ctx.reduce())
+        run.stats.update(gathered)
+        if run.store is not None:
+            for key in transform_keys:
+                identity = self._identity(ctx, key, gathered[key])
+                if run.store.get(run.store_base, identity) is None:
+                    run.store.put(run.store_base, identity, gathered[key])
 
 
 class LayerPass:
