@@ -45,7 +45,9 @@ def lowrank_collect_dense(run: RunState, tap: Tap) -> None:
     results land in ``run.stats`` once the pass is over, before ``lowrank_score``, and stay there
     until the compression pass is done with their layer (keys at a layer's sites, ``site_name``,
     are freed then; other keys stay for the whole run). Attach with ``tap.watch`` (forward) or ``tap.watch_grad``
-    (a backward pass per batch).
+    (a backward pass per batch). Transforms are called before the other strategies. In a bench, a
+    transform's statistics may come from an earlier cell's pass (the store), with no pass run: they
+    are shared, so read them and never modify them.
     """
 
 

@@ -70,7 +70,8 @@ def run_manager(strategies: Iterable[Strategy]) -> pluggy.PluginManager:
     """A plugin manager for one run, holding exactly the configured strategies.
 
     pluggy calls the implementations registered last first, so they are registered in reverse:
-    every hook then runs the strategies in recipe order. An implementation of no known hook is
+    every hook then runs the strategies in recipe order (the scoring pass calls lowrank_collect_dense
+    on the transforms first). An implementation of no known hook is
     an error here, not a silent no-op.
     """
     pm = _discovery_manager()

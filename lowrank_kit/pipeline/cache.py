@@ -103,8 +103,9 @@ def _quarter_of_memory() -> int:
 class DenseStore:
     """Results that depend only on the dense model and the calibration data, kept in memory
     across the runs of one process (a bench): statistics of the dense model's activations
-    (``calibration.sequential: false``) and the rank-independent factorisations of dense
-    weights. Every ratio and every recipe reading them shares one copy.
+    (``calibration.sequential: false``), the transforms' statistics of the scoring pass (output
+    Fishers) and the rank-independent factorisations of dense weights. Every ratio and every
+    recipe reading them shares one copy.
 
     Holds one model and data (``base``) at a time: asking for another drops the rest. Past
     ``max_bytes`` (default a quarter of the machine's memory) new results are not kept.

@@ -412,7 +412,8 @@ class Engine:
     @staticmethod
     def _transforms_need_dense_statistics(pm: pluggy.PluginManager) -> bool:
         """Whether a transform reads statistics of the scoring pass (``lowrank_collect_dense``), which
-        then runs even when the scores come from the cache (statistics are not cached)."""
+        then runs even when the scores come from the cache (statistics are not cached on disk; a
+        bench's store may hold them, and then the pass gathers nothing)."""
         return any(getattr(s, "point", None) == "transform" and getattr(s, "needs_dense_statistics", False) is True
                    for s in pm.get_plugins())
 

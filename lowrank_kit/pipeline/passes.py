@@ -1,7 +1,8 @@
 """The calibration passes of a run, as named parts the engine calls in order.
 
 - ``ScoringPass``: the dense model over the calibration batches (a backward pass per batch
-  when a statistic reads gradients), then ``lowrank_score``.
+  when a statistic reads gradients; none when a bench's store holds every statistic asked
+  for), then ``lowrank_score``.
 - ``SequentialPass`` (``calibration.pipeline: sequential``): layer by layer, statistics on
   inputs produced by the already compressed earlier layers (FLAT-LLM's order).
 - ``DenseInputPass`` (``dense_input``): layer by layer, statistics on the dense model's
