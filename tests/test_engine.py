@@ -177,8 +177,8 @@ def test_store_shares_factorisations_only_of_dense_inputs(tmp_path: Path) -> Non
 
 
 def test_store_shares_output_fishers_so_a_later_ratio_runs_no_scoring_pass(tmp_path: Path) -> None:
-    """The output Fishers of the scoring pass are the dense model's: with them stored (and the scores
-    cached), a second ratio runs no scoring pass and compresses exactly as a run without the store."""
+    """The output Fishers of the scoring pass are the dense model's: with them stored (and no scorer in
+    the recipe), a second ratio runs no scoring pass and compresses exactly as a run without the store."""
     seen: list[str] = []
 
     class Passes(Callback):

@@ -290,7 +290,7 @@ class Engine:
 
     def _refine(self, run: RunState, pm: pluggy.PluginManager, allocator: Any) -> None:
         """Measure every layer's loss at the plan, plan again; ``refine_rounds`` times."""
-        run.store, run.store_base = self.store, json.dumps(self._data_key(run), sort_keys=True, default=str)
+        self._bind_store(run)
         windows = self._heldout(run, allocator.refine_windows)
         rounds = []
         for _ in range(allocator.refine_rounds):
@@ -317,7 +317,7 @@ class Engine:
 
     def _compress(self, run: RunState, pm: pluggy.PluginManager) -> None:
         """The recipe's layer pass (``calibration.pipeline``) over every decoder layer."""
-        run.store, run.store_base = self.store, json.dumps(self._data_key(run), sort_keys=True, default=str)
+        self._bind_store(run)
         layer_pass = LAYER_PASSES[run.recipe.calibration.pipeline]
         run.dense_statistics = layer_pass.dense_statistics
         ctx = self._context(run, pm)
@@ -427,7 +427,7 @@ class Engine:
             "score": [c.to_dict() for c in recipe.score],
         }
         cached = cache.get("scores", key)
-        run.store, run.store_base = self.store, json.dumps(self._data_key(run), sort_keys=True, default=str)
+        self._bind_store(run)
         keeps = self.checkpoints if self.checkpoint else None  # a bench resumes by cell instead
         if cached is None and keeps is not None:
             cached = keeps.scores()
@@ -457,7 +457,7 @@ class Engine:
                                 for name, entry in cached.items()}
             run.notes["error_curves"] = {"cached": True}
             return
-        run.store, run.store_base = self.store, json.dumps(self._data_key(run), sort_keys=True, default=str)
+        self._bind_store(run)
         ErrorCurvePass(self._context(run, pm)).run()
         missing = [u.name for u in run.units if u.name not in run.error_curves]
         if missing:
@@ -467,6 +467,10 @@ class Engine:
                                f"{len(missing)} units, e.g. {missing[0]}")
         cache.put("error-curves", key, {name: c.to_dict() for name, c in run.error_curves.items()})
         run.notes["error_curves"] = {"cached": False}
+
+    def _bind_store(self, run: RunState) -> None:
+        """Point the run at the bench's store, under this dense model and data (None outside a bench)."""
+        run.store, run.store_base = self.store, json.dumps(self._data_key(run), sort_keys=True, default=str)
 
     def _data_key(self, run: RunState) -> dict[str, Any]:
         """What makes two runs' calibration forwards of the dense model identical."""
