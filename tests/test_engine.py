@@ -201,6 +201,43 @@ def test_store_shares_output_fishers_so_a_later_ratio_runs_no_scoring_pass(tmp_p
         assert torch.equal(shared.model(input_ids=ids).logits, alone.model(input_ids=ids).logits)
 
 
+@pytest.mark.parametrize("pipeline", ["scoring", "dense_input"])
+def test_store_finds_a_statistic_whose_settings_change_while_it_fills(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pipeline: str) -> None:
+    """A statistic is stored under the identity its lookup computes, from the unfilled copy: one
+    whose plain settings change as it fills (as GradEnergy's width does) is still found."""
+    real_update = Gram.update
+
+    def update(self: Gram, x: torch.Tensor) -> None:
+        real_update(self, x)
+        self.filled = True  # a setting the unfilled copy of a later lookup lacks
+
+    monkeypatch.setattr(Gram, "update", update)
+    dense = tiny_model("llama")
+    store = DenseStore()
+    if pipeline == "scoring":
+        options = {"transform": [{"plugin": "svd_llm", "output_fisher": 0.1}]}
+    else:
+        options = {"calibration": {**tiny_recipe(tmp_path)["calibration"], "sequential": False}}
+    first = resolve_recipe(tiny_recipe(tmp_path / "a", "svd_llm", 0.2, **options))
+    Engine(first, progress=False, store=store).run(copy.deepcopy(dense), ByteTokenizer())
+    assert any("Gram|" in key for key in store._items)
+    seen: list[str] = []
+
+    class Passes(Callback):
+        def on_batches_start(self, run: object, label: str, total: int) -> None:
+            seen.append(label)
+
+    calls: list[int] = []
+    real_run_layer = passes_module.run_layer
+    monkeypatch.setattr(passes_module, "run_layer", lambda *a: calls.append(1) or real_run_layer(*a))
+    second = resolve_recipe(tiny_recipe(tmp_path / "b", "svd_llm", 0.4, **options))
+    Engine(second, progress=False, store=store, callbacks=[Passes()]).run(copy.deepcopy(dense), ByteTokenizer())
+    if pipeline == "scoring":
+        assert seen and not any(label.startswith("score") for label in seen)  # the output Fishers were found
+    else:
+        assert calls == []  # every layer's input statistics were found
+
 def test_store_keeps_nothing_past_its_memory_limit() -> None:
     store = DenseStore(max_bytes=1000)
     small, large = Gram(), Gram()

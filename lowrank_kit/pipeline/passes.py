@@ -134,6 +134,9 @@ class ScoringPass:
             resident.enter_context(run.offload.everything())
             tap = Tap()
             self._collect(ctx, tap)
+        # Identities as the lookup takes them, from the unfilled statistics: settings that change
+        # while a statistic fills (GradEnergy's width) must not make a later cell miss it.
+        identities = {key: self._identity(ctx, key, tap.stats[key]) for key in transform_keys}
         with resident, _gradients_only_for(run.model, tap.grad_params, tap.activation_grads):
             for batch in ctx.progress(ctx.batches(), ctx.batch_count, label):
                 if tap.backward:
@@ -151,8 +154,7 @@ class ScoringPass:
         gathered = tap.close(ctx.reduce())
         run.stats.update(gathered)
         if run.store is not None:
-            for key in transform_keys:
-                identity = self._identity(ctx, key, gathered[key])
+            for key, identity in identities.items():
                 if run.store.get(run.store_base, identity) is None:
                     run.store.put(run.store_base, identity, gathered[key])
 
@@ -323,6 +325,7 @@ class DenseInputPass(LayerPass):
     def gather(self, index: int, tap: Tap) -> dict[str, Statistic]:
         run = self.ctx.run
         found = self.stored(tap)
+        identities = {key: statistic_identity(key, stat) for key, stat in tap.stats.items()}  # unfilled, as looked up
         if index <= self.last_missing:
             if self.inputs is None:
                 self.inputs = self.capture_inputs(tap)
@@ -334,7 +337,7 @@ class DenseInputPass(LayerPass):
         found = tap.close(self.ctx.reduce())
         if run.store is not None:
             for key, stat in found.items():
-                run.store.put(run.store_base, statistic_identity(key, stat), stat)
+                run.store.put(run.store_base, identities[key], stat)
         return found
 
 
