@@ -73,13 +73,13 @@ def test_measure_a_saved_folder(tmp_path: Path) -> None:
 
 def test_decode_timer_counts_only_the_decode_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     stamps: list[int] = []
-    original = speed._Clock.end
+    original = speed.StepClock.end
 
-    def end(self: speed._Clock) -> None:
+    def end(self: speed.StepClock) -> None:
         original(self)
         stamps.append(len(self.stamps))
 
-    monkeypatch.setattr(speed._Clock, "end", end)
+    monkeypatch.setattr(speed.StepClock, "end", end)
     seconds = speed.timer(tiny_model("llama"), Regime("decode", 2, 16, 5), torch.device("cpu"))()
     assert seconds > 0
     assert stamps == [1 + 1 + 5 + 1]  # the prompt, the prefill's token, five decode steps, the end

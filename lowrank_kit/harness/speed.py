@@ -157,7 +157,7 @@ def limit(dense: Shapes, compressed: Shapes, regime: Regime) -> float:
 # --- Timing ----------------------------------------------------------------------------------
 
 
-class _Clock(BaseStreamer):
+class StepClock(BaseStreamer):
     """Times decoding apart from the prompt: generate hands the streamer the prompt, then each new token."""
 
     def __init__(self) -> None:
@@ -194,7 +194,7 @@ def timer(model: nn.Module, regime: Regime, device: torch.device, ids: torch.Ten
 
     @torch.no_grad()
     def decode() -> float:
-        clock = _Clock()
+        clock = StepClock()
         model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=regime.steps + 1,
                        min_new_tokens=regime.steps + 1, pad_token_id=0, streamer=clock)
         sync()
