@@ -191,13 +191,13 @@ def test_small_products_run_on_one_thread_only_where_threads_sleep(monkeypatch: 
         seen.append(torch.get_num_threads())
         return original(*args, **kwargs)
 
-    x_small, x_large = torch.randn(3, 10), torch.randn(2, 3, 10)  # 3 and 6 tokens
-    expected_small, expected_large = module(x_small), module(x_large)
+    x_one, x_small, x_large = torch.randn(1, 1, 10), torch.randn(3, 10), torch.randn(2, 3, 10)  # 1, 3, 6 tokens
+    expected = [module(x) for x in (x_one, x_small, x_large)]
     monkeypatch.setattr(modules.F, "linear", linear)
-    monkeypatch.setattr(LowRankLinear, "ONE_THREAD_MACS", 4 * module.macs_per_token(5))  # 3 tokens below, 6 not
-    assert torch.equal(module(x_small), expected_small) and torch.equal(module(x_large), expected_large)
+    monkeypatch.setattr(LowRankLinear, "ONE_THREAD_MACS", 4 * module.macs_per_token(5))  # 1 and 3 tokens below, 6 not
+    assert all(torch.equal(module(x), e) for x, e in zip((x_one, x_small, x_large), expected, strict=True))
     small = 1 if sleep and threads > 1 else threads
-    assert seen == [small, small, threads, threads]
+    assert seen == [threads, threads, small, small, threads, threads]  # one token: no switch, nothing to gain
     assert torch.get_num_threads() == threads
 
 
