@@ -85,7 +85,7 @@ def profile(folder: Path, batch: int, repeats: int) -> dict[str, Any]:
     interleaved(calls, repeats)
     rows = {}
     for name, measured in runs.items():
-        timed = measured[1:]  # the first call is the warm-up
+        timed = measured[-repeats:]  # the calls before are the warm-up
         step = statistics.median(s for s, _ in timed) / regime.steps
         products = statistics.median(p for _, p in timed) / regime.steps
         rows[name] = {"step_ms": 1e3 * step, "products_ms": 1e3 * products, "rest_ms": 1e3 * (step - products)}

@@ -238,6 +238,7 @@ def test_store_finds_a_statistic_whose_settings_change_while_it_fills(
     else:
         assert calls == []  # every layer's input statistics were found
 
+
 def test_store_keeps_nothing_past_its_memory_limit() -> None:
     store = DenseStore(max_bytes=1000)
     small, large = Gram(), Gram()
@@ -246,6 +247,9 @@ def test_store_keeps_nothing_past_its_memory_limit() -> None:
     store.put("base", "small", small)
     store.put("base", "large", large)
     assert store.get("base", "small") is small and store.get("base", "large") is None
+    for _ in range(8):  # replacing an entry counts its bytes once: 8 × 136 would pass the limit
+        store.put("base", "small", small)
+    assert store._bytes == 136
     assert store.get("other", "small") is None  # another model or data drops the rest
 
 

@@ -7,6 +7,7 @@ section); ``persistence.saving`` builds an empty module of the same shape from i
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -46,7 +47,7 @@ def product_threads(x: torch.Tensor, macs_per_token: int) -> contextlib.Abstract
     except at a single token: a matrix-vector product takes as long on one thread as on two
     here, and switching the thread count around it costs ~30 µs a call (576→576 at rank 230:
     70 µs with the switch, 37 without), the time of the product itself."""
-    tokens = x.numel() // x.shape[-1]
+    tokens = math.prod(x.shape[:-1])
     if tokens == 1:
         return contextlib.nullcontext()
     return one_thread_below(tokens * macs_per_token, LowRankLinear.ONE_THREAD_MACS, x.device)

@@ -128,7 +128,8 @@ class DenseStore:
 
     def put(self, base: str, key: str, value: Any) -> None:
         self._select(base)
-        size = _nbytes(value)
+        replaced = self._items.get(key)
+        size = _nbytes(value) - (0 if replaced is None else _nbytes(replaced))  # a replaced entry's bytes go
         if self._bytes + size <= self.max_bytes:
             self._items[key] = value
             self._bytes += size
