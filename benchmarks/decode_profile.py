@@ -26,6 +26,7 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 from torch import nn
 
-from lowrank_kit.harness.speed import Regime, Shapes, StepClock, interleaved, limit, load, sample_ids
+from lowrank_kit.harness.speed import Regime, Shapes, decode_span, interleaved, limit, load, matmul_modules, sample_ids
 
 
 class ProductClock:
@@ -43,12 +44,9 @@ class ProductClock:
     def __init__(self, model: nn.Module) -> None:
         self.spans: list[tuple[float, float]] = []
         self._start: dict[int, float] = {}
-        for module in model.modules():
-            if isinstance(module, nn.Embedding) or next(module.children(), None) is not None:
-                continue
-            if any(t.dim() >= 2 for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))):
-                module.register_forward_pre_hook(self._enter)
-                module.register_forward_hook(self._leave)
+        for module in matmul_modules(model):  # the modules whose weights the limit counts
+            module.register_forward_pre_hook(self._enter)
+            module.register_forward_hook(self._leave)
 
     def _enter(self, module: nn.Module, args: Any) -> None:
         self._start[id(module)] = time.perf_counter()
@@ -58,17 +56,14 @@ class ProductClock:
         self.spans.append((start, time.perf_counter() - start))
 
 
-def decoder(model: nn.Module, clock: ProductClock, regime: Regime, runs: list[tuple[float, float]]):
+def decoder(model: nn.Module, clock: ProductClock, regime: Regime, runs: list[tuple[float, float]]
+            ) -> Callable[[], float]:
     """A call that decodes once and records (step seconds, seconds in weight products) into ``runs``."""
     ids = sample_ids(model, regime.batch, regime.tokens)
 
-    @torch.no_grad()
     def decode() -> float:
-        steps = StepClock()
         clock.spans.clear()
-        model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=regime.steps + 1,
-                       min_new_tokens=regime.steps + 1, pad_token_id=0, streamer=steps)
-        first, last = steps.stamps[1], steps.stamps[-2]  # after the prompt's token, before the end
+        first, last = decode_span(model, ids, regime.steps)
         products = sum(s for start, s in clock.spans if first <= start < last)
         runs.append((last - first, products))
         return last - first

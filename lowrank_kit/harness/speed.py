@@ -83,15 +83,21 @@ def select(names: list[str] | None) -> tuple[Regime, ...]:
 # --- The limits the shapes allow -------------------------------------------------------------
 
 
+def _matrices(module: nn.Module) -> list[torch.Tensor]:
+    return [t for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)) if t.dim() >= 2]
+
+
+def matmul_modules(model: nn.Module) -> list[nn.Module]:
+    """The leaf modules whose forward multiplies by a weight matrix (linears, low-rank factors, the
+    vocabulary head); not the embedding, which only looks rows up."""
+    return [m for m in model.modules() if not isinstance(m, nn.Embedding) and next(m.children(), None) is None
+            and _matrices(m)]
+
+
 def matmul_weights(model: nn.Module) -> list[torch.Tensor]:
     """Every weight matrix a forward multiplies with (factors of low-rank modules, the vocabulary
     head even when it is tied to the embedding), each once per module that uses it."""
-    found = []
-    for module in model.modules():
-        if isinstance(module, nn.Embedding) or next(module.children(), None) is not None:
-            continue
-        found += [t for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)) if t.dim() >= 2]
-    return found
+    return [t for module in matmul_modules(model) for t in _matrices(module)]
 
 
 def _window(config: Any, layer: int) -> int | None:
@@ -177,6 +183,17 @@ def sample_ids(model: nn.Module, batch: int, tokens: int) -> torch.Tensor:
     return torch.randint(100, min(vocab, 20_000), (batch, tokens), generator=generator)
 
 
+@torch.no_grad()
+def decode_span(model: nn.Module, ids: torch.Tensor, steps: int) -> tuple[float, float]:
+    """Greedy decoding of ``steps`` tokens after ``ids``; the clock times of the first decode step's
+    start and the last one's end (the prompt's forward left out)."""
+    clock = StepClock()
+    model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=steps + 1,
+                   min_new_tokens=steps + 1, pad_token_id=0, streamer=clock)
+    # stamps: the prompt, the token the prefill produced, one per decode step, the end
+    return clock.stamps[1], clock.stamps[-2]
+
+
 def timer(model: nn.Module, regime: Regime, device: torch.device, ids: torch.Tensor | None = None
           ) -> Callable[[], float]:
     """A call that runs the regime once on ``model`` and returns its seconds (decode: steps only);
@@ -194,12 +211,9 @@ def timer(model: nn.Module, regime: Regime, device: torch.device, ids: torch.Ten
 
     @torch.no_grad()
     def decode() -> float:
-        clock = StepClock()
-        model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=regime.steps + 1,
-                       min_new_tokens=regime.steps + 1, pad_token_id=0, streamer=clock)
+        first, last = decode_span(model, ids, regime.steps)
         sync()
-        # stamps: the prompt, the token the prefill produced, one per decode step, the end
-        return clock.stamps[-2] - clock.stamps[1]
+        return last - first
 
     return prefill if regime.kind == "prefill" else decode
 
