@@ -216,3 +216,32 @@ def test_low_rank_modules_compile_whole_under_the_thread_rule(monkeypatch: pytes
         torch._dynamo.reset()
         compiled = torch.compile(module, backend="eager", fullgraph=True)  # fullgraph: a break raises
         torch.testing.assert_close(compiled(x), module(x))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_large_products_write_into_rows_padded_to_a_multiple_of_8(bias: bool) -> None:
+    """An output width that is not a multiple of 8 goes into padded rows at prefill sizes (faster
+    on CPUs), with F.linear's values; small, autograd and aligned products take F.linear itself."""
+    from lowrank_kit.compressed import modules
+
+    torch.manual_seed(0)
+    weight, b = torch.randn(13, 24), (torch.randn(13) if bias else None)
+    x = torch.randn(2, modules.ALIGNED_MIN_ROWS // 2, 24)
+    with torch.no_grad():
+        y = modules.aligned_linear(x, weight, b)
+        assert y.shape == (2, modules.ALIGNED_MIN_ROWS // 2, 13) and y.stride(-2) == 16  # 13 padded to 16
+        torch.testing.assert_close(y, torch.nn.functional.linear(x, weight, b), rtol=1e-6, atol=1e-6)
+        assert modules.aligned_linear(x[:, :3], weight, b).stride(-2) == 13  # 6 rows: plain
+        assert modules.aligned_linear(x, weight[:8], b[:8] if bias else None).stride(-2) == 8
+        # the compressed modules take the padded rows: a pruned MLP width, a rank
+        resized = modules.ResizedLinear(24, 13, bias=bias)
+        low_rank = LowRankLinear.from_factors(torch.randn(10, 13), torch.randn(13, 24), b[:10] if bias else None)
+        assert resized(x).stride(-2) == 16
+        torch.testing.assert_close(resized(x), torch.nn.functional.linear(x, resized.weight, resized.bias))
+        torch.testing.assert_close(low_rank(x), torch.nn.functional.linear(x, low_rank.a @ low_rank.b, low_rank.bias),
+                                   rtol=1e-5, atol=1e-5)
+    leaf = x.clone().requires_grad_()
+    y = modules.aligned_linear(leaf, weight, b)
+    assert y.stride(-2) == 13 and y.requires_grad  # autograd: F.linear, gradients flow
+    y.sum().backward()
+    assert leaf.grad is not None
