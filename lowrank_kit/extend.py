@@ -34,7 +34,7 @@ from lowrank_kit.compressed.linalg import (
     symmetric_eigh,
     whitened_spectrum,
 )
-from lowrank_kit.compressed.modules import HeadwiseLowRank, LowRankLinear, ResizedLinear, SliceableRank
+from lowrank_kit.compressed.modules import HeadwiseLowRank, LowRankLinear, ResizedLinear, SliceableRank, aligned_linear
 from lowrank_kit.compressed.plan import (
     ErrorCurve,
     RankPlan,
@@ -71,9 +71,9 @@ __all__ = [
     "GradEnergy", "GradientGram", "Gram", "HeadGram", "HeadwiseLowRank", "LowRankLinear", "ModelAdapter", "NoArgs",
     "ProjectionFactorization", "RankPlan", "RecipeError", "ResizedLinear", "RunState", "ScoreLevel", "SliceableRank",
     "Spectrum", "SquaredGrad", "Statistic", "Strategy", "StrategyRegistry", "Tap", "Unit", "ValueDimAttention",
-    "achieved_ratio", "candidates", "capped_shares", "check_output_fisher", "group_name", "hookimpl", "install_decoder",
-    "largest_meeting_target", "layer_name", "layer_score", "moved_argument", "output_fisher", "output_weighting",
-    "plan_from_fractions", "plan_ranks", "projection_name", "projection_score", "projection_units", "psd_cholesky",
-    "scaled_spectrum", "shrink_values", "statistic_key", "svd_spectrum", "symmetric_eigh", "uniform_fraction",
-    "watch_output_fisher", "whitened_spectrum",
+    "achieved_ratio", "aligned_linear", "candidates", "capped_shares", "check_output_fisher", "group_name", "hookimpl",
+    "install_decoder", "largest_meeting_target", "layer_name", "layer_score", "moved_argument", "output_fisher",
+    "output_weighting", "plan_from_fractions", "plan_ranks", "projection_name", "projection_score", "projection_units",
+    "psd_cholesky", "scaled_spectrum", "shrink_values", "statistic_key", "svd_spectrum", "symmetric_eigh",
+    "uniform_fraction", "watch_output_fisher", "whitened_spectrum",
 ]

@@ -53,12 +53,12 @@ def product_threads(x: torch.Tensor, macs_per_token: int) -> contextlib.Abstract
     return one_thread_below(tokens * macs_per_token, LowRankLinear.ONE_THREAD_MACS, x.device)
 
 
-# A product whose output rows are not a multiple of 8 floats long ran 1.13-1.45x slower at
-# prefill sizes here (MKL then writes unaligned rows): 4,096 tokens of 576 into 1,157 outputs took
-# 98.9 ms, into rows padded to 1,160 69.9 ms, the same values; at 512 tokens 11.2 ms
-# against 9.0; at 8 and 32 tokens no gain. Pruned widths and ranks are rarely multiples of 8, so
-# large products write into padded rows and return the view of the real columns (the weights
-# stay as they are: nothing is stored or counted twice). benchmarks/aligned_outputs.py measures it.
+# A product whose output rows are not a multiple of 8 floats long runs much slower at prefill sizes
+# on this CPU (its rows then start at unaligned addresses). Pruned widths and ranks rarely are, so large
+# products write into rows padded to a multiple of 8 and return the view of the real columns; the
+# weights stay as they are (nothing is stored or counted twice). benchmarks/aligned_outputs.py:
+# a Nyström MLP of width 1,157 over 4,096 tokens took 261.0 ms plain and 200.6 ms padded (width
+# 1,152: 187.4 ms), 1536→576 at rank 334 91.6 against 74.3 ms; at 8 and 32 tokens nothing to gain.
 ALIGN = 8
 ALIGNED_MIN_ROWS = 512
 
@@ -67,15 +67,15 @@ def aligned_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     """``F.linear(x, weight, bias)``, written into rows padded to a multiple of ``ALIGN`` when the
     output width is not one and the product is large (float32 on a CPU, no autograd, plain tensors;
     anything else takes ``F.linear``). The result is a view with the padded row stride."""
-    if torch.compiler.is_compiling():
-        return F.linear(x, weight, bias)
     n, k = weight.shape[0], x.shape[-1]
-    rows = x.numel() // k if k else 0
-    if (n % ALIGN == 0 or rows < ALIGNED_MIN_ROWS or x.device.type != "cpu" or x.dtype != torch.float32
-            or weight.dtype != torch.float32 or type(weight) not in (torch.Tensor, nn.Parameter)
-            or type(x) is not torch.Tensor or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    # the exits a decode step takes (few rows, or an aligned width) are tested first: ~200 calls a step
+    if (n % ALIGN == 0 or x.numel() < ALIGNED_MIN_ROWS * k or torch.compiler.is_compiling()
+            or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
+            or type(weight) not in (torch.Tensor, nn.Parameter) or type(x) is not torch.Tensor
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             or torch.is_autocast_enabled("cpu")):
         return F.linear(x, weight, bias)
+    rows = x.numel() // k
     out = x.new_empty(rows, n + (-n) % ALIGN)[:, :n]
     if bias is None:
         torch.mm(x.reshape(rows, k), weight.t(), out=out)
