@@ -245,3 +245,24 @@ def test_large_products_write_into_rows_padded_to_a_multiple_of_8(bias: bool) ->
     assert y.stride(-2) == 13 and y.requires_grad  # autograd: F.linear, gradients flow
     y.sum().backward()
     assert leaf.grad is not None
+    if bias:  # a bias alone that wants a gradient takes F.linear too (out= has no autograd)
+        trained = b.clone().requires_grad_()
+        modules.aligned_linear(x, weight, trained).sum().backward()
+        assert trained.grad is not None
+    empty = modules.aligned_linear(x[..., :0], weight[:, :0])  # no input features: zeros, no division by 0
+    assert empty.shape == y.shape and not empty.any()
+
+
+def test_padded_rows_add_no_guard_on_the_sequence_length() -> None:
+    """Compiled with dynamic shapes, one graph serves prompts on both sides of ALIGNED_MIN_ROWS."""
+    from lowrank_kit.compressed import modules
+
+    resized = modules.ResizedLinear(24, 13)
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(resized, backend=counter, dynamic=True, fullgraph=True)
+    with torch.no_grad():
+        for tokens in (8, 9, modules.ALIGNED_MIN_ROWS + 88, modules.ALIGNED_MIN_ROWS + 188):
+            x = torch.randn(1, tokens, 24)
+            torch.testing.assert_close(compiled(x), resized(x))
+    assert counter.frame_count == 1

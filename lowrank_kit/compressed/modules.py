@@ -66,13 +66,16 @@ ALIGNED_MIN_ROWS = 512
 def aligned_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, written into rows padded to a multiple of ``ALIGN`` when the
     output width is not one and the product is large (float32 on a CPU, no autograd, plain tensors;
-    anything else takes ``F.linear``). The result is a view with the padded row stride."""
+    anything else takes ``F.linear``). The result is then a view with the padded row stride: split
+    its last dim or compute on it as usual, but ``.view(-1)`` across rows needs ``.reshape``."""
     n, k = weight.shape[0], x.shape[-1]
-    # the exits a decode step takes (few rows, or an aligned width) are tested first: ~200 calls a step
-    if (n % ALIGN == 0 or x.numel() < ALIGNED_MIN_ROWS * k or torch.compiler.is_compiling()
+    # The exits a decode step takes come first (~200 calls a step); compiling is tested before the
+    # row count, so a compiled or exported graph gets no guard on the sequence length.
+    if (n % ALIGN == 0 or torch.compiler.is_compiling() or x.numel() < ALIGNED_MIN_ROWS * max(k, 1)
             or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
             or type(weight) not in (torch.Tensor, nn.Parameter) or type(x) is not torch.Tensor
-            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                             or (bias is not None and bias.requires_grad)))
             or torch.is_autocast_enabled("cpu")):
         return F.linear(x, weight, bias)
     rows = x.numel() // k
