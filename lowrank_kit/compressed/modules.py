@@ -71,14 +71,13 @@ def aligned_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     n, k = weight.shape[0], x.shape[-1]
     # The exits a decode step takes come first (~200 calls a step); compiling is tested before the
     # row count, so a compiled or exported graph gets no guard on the sequence length.
-    if (n % ALIGN == 0 or torch.compiler.is_compiling() or x.numel() < ALIGNED_MIN_ROWS * max(k, 1)
+    if (n % ALIGN == 0 or torch.compiler.is_compiling() or (rows := math.prod(x.shape[:-1])) < ALIGNED_MIN_ROWS
             or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
             or type(weight) not in (torch.Tensor, nn.Parameter) or type(x) is not torch.Tensor
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                              or (bias is not None and bias.requires_grad)))
             or torch.is_autocast_enabled("cpu")):
         return F.linear(x, weight, bias)
-    rows = x.numel() // k
     out = x.new_empty(rows, n + (-n) % ALIGN)[:, :n]
     if bias is None:
         torch.mm(x.reshape(rows, k), weight.t(), out=out)
