@@ -183,16 +183,22 @@ class _Version(argparse.Action):
 
 
 def quiet() -> None:
-    """No progress bars or info lines from the libraries either (transformers, the hub, datasets)."""
-    import datasets
+    """No progress bars or info lines from the libraries either (transformers, the hub, datasets).
+
+    ``datasets`` is told through its environment variables unless already imported: importing it
+    (and pyarrow) only to silence it would add about 85 MB to a run that reads bundled texts."""
     import huggingface_hub
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     huggingface_hub.utils.disable_progress_bars()
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+        sys.modules["datasets"].logging.set_verbosity_error()
+    else:
+        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+        os.environ["DATASETS_VERBOSITY"] = "error"
     from lowrank_kit.models import hf_compat
 
     hf_compat.silence_gguf_progress()

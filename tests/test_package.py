@@ -62,6 +62,15 @@ def test_quiet_silences_the_libraries_bars() -> None:
         datasets.logging.set_verbosity_warning()
 
 
+def test_quiet_leaves_datasets_unimported_but_silenced() -> None:
+    """Importing datasets (and pyarrow) only to silence it cost about 85 MB of every quiet run."""
+    code = ("import sys; from lowrank_kit.cli import quiet; quiet(); assert 'datasets' not in sys.modules; "
+            "import datasets, logging; assert not datasets.is_progress_bar_enabled(); "
+            "assert datasets.logging.get_verbosity() == logging.ERROR")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_the_report_names_versions_and_device(tmp_path: Path) -> None:
     from conftest import ByteTokenizer, tiny_model, tiny_recipe
 
