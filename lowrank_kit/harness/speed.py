@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from transformers.generation.streamers import BaseStreamer
 from lowrank_kit.compressed.quantization import tensor_bytes
 from lowrank_kit.models import hf_compat
 from lowrank_kit.models.adapters import adapter_for
+from lowrank_kit.reporting.report import peak_rss_mb
 
 
 @dataclass(frozen=True)
@@ -270,18 +270,6 @@ def memory(which: str, dtype: str | None, device: str, tokens: int = MEMORY_TOKE
     kv = hf_compat.cache_bytes(hf_compat.output_cache(out))
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else peak_rss_mb()
     return {"peak_mb": peak, "kv_cache_mb": kv / 2**20}
-
-
-def peak_rss_mb() -> float:
-    """This process's own peak resident memory. Linux keeps ``ru_maxrss`` across the exec that
-    starts a spawned process, so it would report the parent's peak; ``VmHWM`` belongs to the
-    process's own address space."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def in_fresh_process(function: str, *args: Any) -> Any:

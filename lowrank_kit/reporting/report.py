@@ -6,6 +6,7 @@ import json
 import platform
 import resource
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -29,11 +30,23 @@ def decoder_linear_params(adapter: ModelAdapter) -> int:
     )
 
 
+def peak_rss_mb() -> float:
+    """This process's own peak resident memory. Linux keeps ``ru_maxrss`` across the exec that
+    starts a spawned process, so a run started from a larger Python process (a test, a
+    benchmark, a data-parallel launch) would report its parent's peak; ``VmHWM`` belongs to the
+    process's own address space. ``ru_maxrss`` elsewhere (bytes on macOS, KiB on Linux)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1e6 if sys.platform == "darwin" else rss / 1024
+
+
 def peak_memory_mb() -> dict[str, float]:
     """Peak resident memory of this process (and of the GPU, when one was used)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rss_mb = rss / 1e6 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
-    out = {"peak_rss_mb": round(rss_mb, 1)}
+    out = {"peak_rss_mb": round(peak_rss_mb(), 1)}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
