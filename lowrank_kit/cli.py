@@ -182,26 +182,44 @@ class _Version(argparse.Action):
         parser.exit()
 
 
-def quiet() -> None:
+# What ``datasets`` reads at import to stay quiet (the values of ``disable_progress_bars`` and
+# ``logging.set_verbosity_error``).
+DATASETS_QUIET = {"HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "DATASETS_VERBOSITY": "error"}
+
+
+def quiet() -> dict[str, str | None]:
     """No progress bars or info lines from the libraries either (transformers, the hub, datasets).
 
     ``datasets`` is told through its environment variables unless already imported: importing it
-    (and pyarrow) only to silence it would add about 85 MB to a run that reads bundled texts."""
+    (and pyarrow) only to silence it would add about 85 MB to a run that reads bundled texts. A
+    user's own values win. Returns what the variables were, for ``restore_environment``."""
     import huggingface_hub
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     huggingface_hub.utils.disable_progress_bars()
+    before = {name: os.environ.get(name) for name in DATASETS_QUIET}
     if "datasets" in sys.modules:
         sys.modules["datasets"].disable_progress_bars()
         sys.modules["datasets"].logging.set_verbosity_error()
     else:
-        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
-        os.environ["DATASETS_VERBOSITY"] = "error"
+        for name, value in DATASETS_QUIET.items():
+            os.environ.setdefault(name, value)
     from lowrank_kit.models import hf_compat
 
     hf_compat.silence_gguf_progress()
+    return before
+
+
+def restore_environment(before: dict[str, str | None]) -> None:
+    """Put back variables ``quiet`` set, so a later import in the same process (``main`` called
+    from Python) can show its bars again."""
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -279,8 +297,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if getattr(args, "quiet", False):
-        quiet()
+    before = quiet() if getattr(args, "quiet", False) else {}
     try:
         return args.func(args)
     except RecipeError as err:
@@ -304,6 +321,8 @@ def _run(args: argparse.Namespace) -> int:
         if hint:
             print(hint, file=sys.stderr)
         return 1
+    finally:
+        restore_environment(before)
 
 
 def entry(argv: Any = None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -64,10 +65,13 @@ def test_quiet_silences_the_libraries_bars() -> None:
 
 def test_quiet_leaves_datasets_unimported_but_silenced() -> None:
     """Importing datasets (and pyarrow) only to silence it cost about 85 MB of every quiet run."""
-    code = ("import sys; from lowrank_kit.cli import quiet; quiet(); assert 'datasets' not in sys.modules; "
+    code = ("import os, sys; from lowrank_kit.cli import quiet, restore_environment; before = quiet(); "
+            "assert 'datasets' not in sys.modules; "
             "import datasets, logging; assert not datasets.is_progress_bar_enabled(); "
-            "assert datasets.logging.get_verbosity() == logging.ERROR")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+            "assert datasets.logging.get_verbosity() == logging.ERROR; "
+            "restore_environment(before); assert 'DATASETS_VERBOSITY' not in os.environ")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_DATASETS_DISABLE_PROGRESS_BARS", "DATASETS_VERBOSITY")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
