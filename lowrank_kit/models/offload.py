@@ -20,7 +20,6 @@ The numbers are the same as without offloading: the same tensors meet the same k
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import shutil
 from collections import Counter
@@ -88,24 +87,6 @@ def _to_meta(layer: nn.Module) -> None:
         for name, buffer in list(module._buffers.items()):
             if buffer is not None and name not in module._non_persistent_buffers_set:
                 module._buffers[name] = torch.empty_like(buffer, device="meta")
-
-
-def return_freed_memory() -> None:
-    """Make glibc give large freed blocks back to the system at once (Linux only; no-op elsewhere).
-
-    glibc raises its mmap threshold to the size of the largest block freed so far (up to 32 MB),
-    so after the first layer is dropped, every later one is allocated on the heap, whose freed
-    space is kept: peak memory then grows layer by layer even though no layer stays alive
-    (measured on SmolLM2: 1.71 GB → 1.00 GB peak RSS under ``disk`` with a fixed 1 MB threshold).
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
-    except (OSError, AttributeError):
-        pass
-
-
-M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 
 
 def place_outer(model: nn.Module, layers: nn.ModuleList, device: torch.device) -> None:

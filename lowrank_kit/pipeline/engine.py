@@ -27,6 +27,7 @@ import pluggy
 import torch
 from lightning.fabric import Fabric
 
+from lowrank_kit import heap
 from lowrank_kit.compressed import quantization
 from lowrank_kit.compressed.plan import ErrorCurve
 from lowrank_kit.data.texts import (
@@ -206,7 +207,7 @@ class Engine:
         mode = recipe.runtime.offload
         _check_offload(recipe)
         if mode != "none":
-            offload.return_freed_memory()
+            heap.return_freed_memory()
         with self.phase("load"):
             source = None
             if model is None and mode == "disk":
