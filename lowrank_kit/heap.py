@@ -12,11 +12,17 @@ M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 
 @functools.cache
 def _libc() -> Any:
+    """glibc, or None (macOS, Windows, musl). Under a preloaded allocator (jemalloc, tcmalloc) the
+    calls below reach glibc's heap only, which is harmless."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
     except OSError:
         return None
+    if not (hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim")):
+        return None
+    libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return libc
 
 
 def return_freed_memory() -> None:

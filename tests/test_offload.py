@@ -3,7 +3,6 @@ CPU, with the disk mode's layers read lazily from a saved folder and written bac
 
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,6 @@ import torch
 from conftest import ByteTokenizer, tiny_recipe
 from test_resume import RECIPES as RESUMED
 
-from lowrank_kit import heap
 from lowrank_kit.api import compress
 from lowrank_kit.models.offload import INDEX, Offloader, WeightFiles, write_dense
 from lowrank_kit.persistence.saving import load_pretrained
@@ -135,30 +133,3 @@ def test_eval_reads_a_saved_model_layer_by_layer(tmp_path: Path, tied: bool) -> 
     assert printed[0] == printed[1]
     assert float(printed[0]) == pytest.approx(run.report["evaluation"][0]["compressed"], rel=1e-5)
 
-
-@pytest.mark.skipif(heap._libc() is None, reason="glibc only")
-def test_heap_trim_gives_freed_small_blocks_back() -> None:
-    """What a fast tokenizer leaves after a long text: many small blocks freed among a few live
-    ones. glibc keeps such pages resident until ``heap.trim``."""
-    libc = ctypes.CDLL("libc.so.6")
-    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-    libc.free.argtypes = [ctypes.c_void_p]
-    libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
-
-    def resident_mb() -> float:
-        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS:"))
-        return int(line.split()[1]) / 1024
-
-    blocks = [libc.malloc(512) for _ in range(400_000)]  # ~200 MB of small blocks, touched
-    for block in blocks:
-        libc.memset(block, 1, 512)
-    kept = blocks[::64]  # one live block per 32 KB keeps the heap from shrinking at its top
-    for i, block in enumerate(blocks):
-        if i % 64:
-            libc.free(block)
-    before = resident_mb()
-    heap.trim()
-    after = resident_mb()
-    for block in kept:
-        libc.free(block)
-    assert before - after > 100, (before, after)
