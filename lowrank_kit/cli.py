@@ -191,7 +191,7 @@ def quiet() -> dict[str, str | None]:
     """No progress bars or info lines from the libraries either (transformers, the hub, datasets).
 
     ``datasets`` is told through its environment variables unless already imported: importing it
-    (and pyarrow) only to silence it would add about 85 MB to a run that reads bundled texts. A
+    (and pyarrow) only to silence it would add about 84 MB to a run that reads bundled texts. A
     user's own values win. Returns what the variables were, for ``restore_environment``."""
     import huggingface_hub
     import transformers

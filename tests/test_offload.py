@@ -132,4 +132,3 @@ def test_eval_reads_a_saved_model_layer_by_layer(tmp_path: Path, tied: bool) -> 
         printed.append(proc.stdout.strip().rsplit(":", 1)[1])
     assert printed[0] == printed[1]
     assert float(printed[0]) == pytest.approx(run.report["evaluation"][0]["compressed"], rel=1e-5)
-

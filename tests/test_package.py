@@ -64,7 +64,7 @@ def test_quiet_silences_the_libraries_bars() -> None:
 
 
 def test_quiet_leaves_datasets_unimported_but_silenced() -> None:
-    """Importing datasets (and pyarrow) only to silence it cost about 85 MB of every quiet run."""
+    """Importing datasets (and pyarrow) only to silence it cost about 84 MB of every quiet run."""
     code = ("import os, sys; from lowrank_kit.cli import quiet, restore_environment; before = quiet(); "
             "assert 'datasets' not in sys.modules; "
             "import datasets, logging; assert not datasets.is_progress_bar_enabled(); "
