@@ -16,10 +16,11 @@ from lowrank_kit.models.adapters import PROJECTIONS, adapter_for
 from lowrank_kit.pipeline.replay import LayerInputs, capture, run_layer
 
 
-def test_whitened_truncation_error_equals_dropped_singular_values() -> None:
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)], ids=["wide", "tall"])
+def test_whitened_truncation_error_equals_dropped_singular_values(shape: tuple[int, int]) -> None:
     torch.manual_seed(0)
-    weight = torch.randn(24, 40, dtype=torch.float64)
-    x = torch.randn(500, 40, dtype=torch.float64) @ torch.randn(40, 40, dtype=torch.float64)  # correlated inputs
+    weight = torch.randn(shape[0], 40, dtype=torch.float64) @ torch.randn(40, shape[1], dtype=torch.float64)
+    x = torch.randn(500, shape[1], dtype=torch.float64) @ torch.randn(shape[1], shape[1], dtype=torch.float64)
     gram = x.T @ x
     s = whitened_spectrum(weight, gram).s
     for rank in (1, 5, 17):
@@ -29,6 +30,31 @@ def test_whitened_truncation_error_equals_dropped_singular_values() -> None:
         # and it beats plain SVD on the data, which only minimises the weight error
         pa, pb = svd_spectrum(weight).factors(rank)
         assert error <= ((weight - pa @ pb) @ x.T).pow(2).sum() + 1e-9
+
+
+@pytest.mark.parametrize("output", [False, True], ids=["plain", "fisher-weighted"])
+def test_wide_whitened_factors_equal_those_of_the_cholesky_route(output: bool) -> None:
+    """A W with no more rows than columns skips the Cholesky factor (U from W XᵀX Wᵀ, B from W):
+    the product A B at every rank is SVD-LLM's U_r Σ_r V_rᵀ S⁻¹ from the SVD of (R) W S."""
+    torch.manual_seed(0)
+    weight = torch.randn(24, 40, dtype=torch.float64)
+    x = torch.randn(500, 40, dtype=torch.float64) @ torch.randn(40, 40, dtype=torch.float64)
+    gram = x.T @ x
+    weighting = None
+    root = inverse = torch.eye(24, dtype=torch.float64)
+    if output:
+        g = torch.randn(300, 24, dtype=torch.float64) * torch.logspace(0, -2, 24, dtype=torch.float64)
+        weighting = root, inverse = output_weighting(g.T @ g, 0.01)
+    spectrum = whitened_spectrum(weight, gram, weighting)
+    assert spectrum.whitening is None
+    factor = torch.linalg.cholesky(gram)
+    u, s, vh = torch.linalg.svd(root @ weight @ factor, full_matrices=False)
+    assert torch.allclose(spectrum.s, s, rtol=1e-9)
+    for rank in (1, 7, 24):
+        a, b = spectrum.factors(rank)
+        reference = inverse @ (u[:, :rank] * s[:rank]) @ torch.linalg.solve_triangular(
+            factor, vh[:rank], upper=False, left=False)
+        assert torch.allclose(a @ b, reference, atol=1e-9 * reference.abs().max())
 
 
 def test_output_weighted_truncation_minimises_the_fisher_weighted_error() -> None:
@@ -59,29 +85,46 @@ def test_output_weighted_truncation_minimises_the_fisher_weighted_error() -> Non
     assert torch.allclose(far[0] @ far[1], plain[0] @ plain[1], atol=1e-6)
 
 
-def test_whitening_survives_a_singular_gram() -> None:
+@pytest.mark.parametrize("rows", [8, 32], ids=["wide", "tall"])
+def test_whitening_survives_a_singular_gram(rows: int) -> None:
     torch.manual_seed(0)
-    weight = torch.randn(8, 16, dtype=torch.float64)
+    weight = torch.randn(rows, 16, dtype=torch.float64)
     x = torch.randn(5, 16, dtype=torch.float64)  # fewer tokens than channels: XᵀX is singular
-    a, b = whitened_spectrum(weight, x.T @ x).factors(5)
+    spectrum = whitened_spectrum(weight, x.T @ x)
+    assert spectrum.whitening is not None  # singular: SVD-LLM's shifted Cholesky route, for a wide W too
+    a, b = spectrum.factors(5)
     assert torch.isfinite(a).all() and torch.isfinite(b).all()
     # rank 5 covers the data's span, up to the small shift that made XᵀX factorisable
     error = (a @ b @ x.T - weight @ x.T).norm() / (weight @ x.T).norm()
     assert error < 1e-2
+    a, b = spectrum.factors(min(weight.shape))  # and full rank is the weight itself
+    assert torch.allclose(a @ b, weight, atol=1e-8)
+
+
+def test_full_rank_reproduces_a_rank_deficient_weight() -> None:
+    """σ below eigh's resolution is raised to it, never 0: full-rank factors multiply back to W."""
+    torch.manual_seed(0)
+    weight = torch.randn(8, 4, dtype=torch.float64) @ torch.randn(4, 16, dtype=torch.float64)  # rank 4
+    x = torch.randn(200, 16, dtype=torch.float64)
+    for spectrum in (svd_spectrum(weight), svd_spectrum(weight.T), whitened_spectrum(weight, x.T @ x)):
+        assert (spectrum.s > 0).all()
+        a, b = spectrum.factors(8)
+        assert torch.allclose(a @ b, weight if a.shape[0] == 8 else weight.T, atol=1e-10)
 
 
 def test_projections_reading_one_gram_share_its_whitening() -> None:
-    """q/k/v read the same Gram object: one Cholesky factor, recomputed if the Gram changes in place."""
+    """gate/up read the same Gram object: one Cholesky factor, recomputed if the Gram changes in place."""
     from lowrank_kit.compressed.linalg import psd_cholesky
 
     torch.manual_seed(0)
     x = torch.randn(200, 16, dtype=torch.float64)
     gram = x.T @ x
-    first, second = whitened_spectrum(torch.randn(8, 16), gram), whitened_spectrum(torch.randn(4, 16), gram)
+    # tall weights (gate/up): a wide one needs no whitening factor at all
+    first, second = whitened_spectrum(torch.randn(32, 16), gram), whitened_spectrum(torch.randn(24, 16), gram)
     assert first.whitening is second.whitening
     assert torch.equal(first.whitening, psd_cholesky(gram))
     gram.mul_(4.0)  # a Gram updated in place gets a new factor (S scales by 2)
-    third = whitened_spectrum(torch.randn(8, 16), gram)
+    third = whitened_spectrum(torch.randn(32, 16), gram)
     assert third.whitening is not first.whitening
     assert torch.allclose(third.whitening, 2 * first.whitening)
 

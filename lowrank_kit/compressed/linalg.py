@@ -35,9 +35,10 @@ def factors_from_svd(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: i
 class Spectrum:
     """A rank-independent factorisation, truncated to any rank by ``factors`` (float64).
 
-    W ≈ U_r Σ_r Vᵣᵀ M⁻¹, where M is the whitening factor S (SVD-LLM), diag(scale) (ASVD) or I
-    (plain SVD). Computing it once serves every rank: a bench shares it across ratios and
-    across recipes that factorise the same weight with the same statistic.
+    W ≈ U_r Σ_r Vᵣᵀ M⁻¹, where M is the whitening factor S (SVD-LLM on a tall W), diag(scale)
+    (ASVD) or I (plain SVD, and SVD-LLM on a wide W, whose ``vh`` already holds Vᵀ S⁻¹).
+    Computing it once serves every rank: a bench shares it across ratios and across recipes
+    that factorise the same weight with the same statistic.
     """
 
     u: torch.Tensor
@@ -65,6 +66,22 @@ class Spectrum:
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
 
+def _descending_eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """Eigenvectors of a symmetric PSD float64 matrix by descending eigenvalue, the square roots σ
+    of the eigenvalues, 1/σ (0 only for a zero matrix), and whether any eigenvalue was unresolved.
+
+    Eigenvalues below eigh's resolution (float64 eps · λ₁, where rounding can make them 0 or
+    negative) are raised to it, so no component gets σ = 0: its right factor Σ⁻¹ Uᵀ M stays
+    finite and the factors at full rank multiply back to M exactly. Such a component's σ² is
+    noise either way; it ranks last and is the first a truncation drops.
+    """
+    evals, vecs = symmetric_eigh(gram)
+    evals, vecs = evals.flip(0), vecs.flip(1)
+    floor = float(evals[0].clamp_min(0)) * torch.finfo(evals.dtype).eps
+    s = evals.clamp_min(floor).sqrt()
+    return vecs, s, torch.where(s > 0, 1.0 / s, torch.zeros_like(s)), bool(evals[-1] <= floor)
+
+
 def thin_svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """U, σ (descending), Vᵀ of a float64 matrix, through the eigendecomposition of its smaller Gram.
 
@@ -78,13 +95,10 @@ def thin_svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     an exact projection of M at any rank (U_r U_rᵀ M, or M V_r V_rᵀ when M is tall).
     """
     rows, cols = m.shape
-    wide = rows <= cols
-    evals, vecs = symmetric_eigh(m @ m.T if wide else m.T @ m)
-    evals, vecs = evals.flip(0), vecs.flip(1)
-    s = evals.clamp_min(0).sqrt()
-    inverse = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
-    if wide:
+    if rows <= cols:
+        vecs, s, inverse, _ = _descending_eigh(m @ m.T)
         return vecs, s, inverse[:, None] * (vecs.T @ m)
+    vecs, s, inverse, _ = _descending_eigh(m.T @ m)
     return (m @ vecs) * inverse, s, vecs.T
 
 
@@ -108,10 +122,11 @@ def psd_cholesky(gram: torch.Tensor) -> torch.Tensor:
     return torch.linalg.cholesky(gram + shift * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device))
 
 
-# One whitening per input Gram: q/k/v (and gate/up) read the same Gram object, so its factor is
-# computed once. Keyed by the tensor's identity (the entry goes when the tensor does) and checked
-# against its version counter, so a Gram changed in place is factorised again. (Not a
-# WeakKeyDictionary: it compares keys with ==, which a tensor answers element-wise.)
+# One whitening per input Gram: projections that read the same Gram object and need its factor
+# (gate/up, whose weights are tall; see ``whitened_spectrum``) share one. Keyed by the tensor's
+# identity (the entry goes when the tensor does) and checked against its version counter, so a
+# Gram changed in place is factorised again. (Not a WeakKeyDictionary: it compares keys with ==,
+# which a tensor answers element-wise.)
 _WHITENINGS: dict[int, tuple[weakref.ref[torch.Tensor], int, torch.Tensor]] = {}
 
 
@@ -167,13 +182,26 @@ def whitened_spectrum(weight: torch.Tensor, gram: torch.Tensor,
     minimises ‖R (W − A B) Xᵀ‖², the output error weighted by the output Fisher (with the input
     Gram XᵀX, the two Kronecker factors of the weight's Fisher: the second-order loss increase
     K-FAC predicts), and loses exactly the dropped σ² in that metric; R⁻¹ is undone on A.
+
+    Deviation from ALGORITHMS.md §2 in how, not what, for a W with no more rows than columns
+    (on SmolLM2 q, k, v, o and down_proj; Gemma3's wider q_proj is tall): (W S)(W S)ᵀ = W XᵀX Wᵀ,
+    so U and Σ come from the eigendecomposition of W XᵀX Wᵀ (the matrix ``thin_svd`` would
+    decompose), and Σ_r V_rᵀ S⁻¹ = U_rᵀ W, so the right factor comes from W itself. No
+    Cholesky factor and no triangular solve per rank are needed (the 1,536-wide Gram of
+    down_proj's input was the costliest of both); the factors are those of the Cholesky route
+    up to rounding. Where W XᵀX Wᵀ is singular (fewer calibration tokens than rows, dead
+    channels), its spectrum cannot order the components the data never reached, and the
+    Cholesky route with §2's shift of a singular XᵀX is taken instead, as before.
     """
-    s_factor = shared_whitening(gram)
     weight = weight.to(torch.float64)
-    if output is None:
-        return Spectrum(*thin_svd(weight @ s_factor), whitening=s_factor)
-    root, inverse = output
-    return Spectrum(*thin_svd(root @ weight @ s_factor), whitening=s_factor, unweight=inverse)
+    target, unweight = (weight, None) if output is None else (output[0] @ weight, output[1])
+    if target.shape[0] <= target.shape[1]:
+        gram = gram.to(torch.float64)
+        vecs, s, inverse, unresolved = _descending_eigh(target @ gram @ target.T)
+        if not unresolved:
+            return Spectrum(vecs, s, inverse[:, None] * (vecs.T @ target), unweight=unweight)
+    s_factor = shared_whitening(gram)
+    return Spectrum(*thin_svd(target @ s_factor), whitening=s_factor, unweight=unweight)
 
 
 def scaled_spectrum(weight: torch.Tensor, scale: torch.Tensor) -> Spectrum:
