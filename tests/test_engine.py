@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -15,7 +16,7 @@ from conftest import ByteTokenizer, sample_ids, tiny_model, tiny_recipe
 
 from lowrank_kit import Strategy, compress, hookimpl, load_pretrained
 from lowrank_kit.api import resolve_recipe
-from lowrank_kit.calibration.stats import Gram
+from lowrank_kit.calibration.stats import Gram, Tap
 from lowrank_kit.compressed.modules import LowRankLinear
 from lowrank_kit.extension.manager import registry
 from lowrank_kit.pipeline import passes as passes_module
@@ -116,6 +117,79 @@ def test_layer_statistics_see_the_compressed_predecessors(tmp_path: Path, plugin
     for layer in (1, 2):
         x = states[layer].double().reshape(-1, states[layer].shape[-1])
         assert torch.allclose(LayerInputWatcher.seen[layer].matrix, x.T @ x, rtol=1e-5, atol=1e-6)
+
+
+def test_a_forward_stops_once_its_statistics_are_fed() -> None:
+    """``Tap.until_filled``: after a first full forward that counts the watched modules' calls, a
+    module read at its input never runs, nor anything after it; the statistics are those of
+    whole forwards. Without watches, or with a module that runs twice, forwards run to the end."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 5), torch.nn.Linear(5, 3))
+    ran: list[int] = []
+    for index, module in enumerate(net):
+        module.register_forward_hook(lambda _m, _a, _o, index=index: ran.append(index))
+    x = torch.randn(7, 4)
+    early = Tap()
+    early.watch("out0", net[0], Gram(), where="output")
+    early.watch("in2", net[2], Gram())
+    for expected in ([0, 1, 2, 3], [0, 1], [0, 1]):
+        ran.clear()
+        with early.until_filled():
+            net(x)
+        assert ran == expected
+    assert early.stopped == 2
+    stats = early.close()  # the statistics of three whole forwards
+    with torch.no_grad():
+        out0 = net[0](x).double()
+        in2 = torch.relu(out0)
+    assert torch.allclose(stats["out0"].matrix, 3 * out0.T @ out0, rtol=1e-6)
+    assert torch.allclose(stats["in2"].matrix, 3 * in2.T @ in2, rtol=1e-6)
+    ran.clear()
+    with Tap().until_filled():
+        net(x)
+    assert ran == [0, 1, 2, 3]
+
+    twice = torch.nn.Linear(5, 5)
+    looped = torch.nn.Sequential(torch.nn.Linear(4, 5), twice, twice, torch.nn.Linear(5, 2))
+    tap = Tap()
+    tap.watch("in", twice, Gram())
+    for _ in range(3):
+        with tap.until_filled():
+            looped(x)
+    assert tap.stopped == 0 and tap.stats["in"].count == 3 * 2 * 7
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_the_statistics_forward_that_stops_early_changes_no_weight(tmp_path: Path, family: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """FLAT-LLM's sequential pass runs each dense layer only until its statistics are fed
+    (down_proj's product is skipped): the compressed model is the one a full forward gives."""
+    recipe = tiny_recipe(tmp_path, "headwise_pca", 0.3, allocate="iprs", score="angular_importance",
+                         transform=[{"plugin": "headwise_pca", "targets": ["v_proj", "o_proj"]},
+                                    {"plugin": "nystrom", "targets": ["gate_proj", "up_proj", "down_proj"]}],
+                         evaluate=[])
+    dense = tiny_model(family)
+
+    def run(name: str):
+        return compress(recipe, model=dense, tokenizer=ByteTokenizer(), progress=False,
+                        output={"dir": str(tmp_path / name), "cache_dir": None})
+
+    early = run("early")
+    taps: list[Tap] = []
+    original = Tap.until_filled
+
+    def counted(self):
+        taps.append(self)
+        return original(self)
+
+    monkeypatch.setattr(Tap, "until_filled", lambda self: contextlib.nullcontext())
+    full = run("full")
+    monkeypatch.setattr(Tap, "until_filled", counted)
+    run("counted")
+    assert taps and all(tap.stopped > 0 for tap in taps)  # every layer's dense forward was cut short
+    weights = full.model.state_dict()
+    for name, tensor in early.model.state_dict().items():
+        assert torch.equal(tensor, weights[name]), name
 
 
 def test_dense_input_statistics_come_from_the_dense_model(tmp_path: Path) -> None:

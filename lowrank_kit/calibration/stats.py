@@ -100,6 +100,10 @@ class AbsMean(Statistic):
 Where = Literal["input", "output", "io"]
 
 
+class _Filled(Exception):
+    """Raised inside a forward once every watched module has fed its statistics (``Tap.until_filled``)."""
+
+
 @dataclass
 class Tap:
     """Where strategies attach statistics for one calibration pass; the engine owns its life.
@@ -113,6 +117,11 @@ class Tap:
     _handles: list[Any] = field(default_factory=list)
     _after_backward: list[Callable[[], None]] = field(default_factory=list)
     _paused: bool = False
+    # Every (module, where) a statistic watches: where a forward can stop (``until_filled``), once
+    # a full forward has shown that each runs once (None: not yet seen).
+    _sites: list[tuple[nn.Module, Where]] = field(default_factory=list)
+    _once: bool | None = None
+    stopped: int = 0  # forwards ``until_filled`` cut short
     grad_params: list[nn.Parameter] = field(default_factory=list)  # the parameters whose gradients are read
     activation_grads: bool = False  # whether a statistic reads gradients of module outputs
 
@@ -122,19 +131,65 @@ class Tap:
             return self.stats[key]
         self.stats[key] = stat
 
-        def hook(_module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        # An input is read before the module runs, so a forward that stops there (``until_filled``)
+        # skips the module's own product.
+        def before(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            if not self._paused:
+                stat.update(args[0])
+
+        def after(_module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if self._paused:
                 return
             out = output[0] if isinstance(output, tuple) else output
-            if where == "input":
-                stat.update(args[0])
-            elif where == "output":
+            if where == "output":
                 stat.update(out)
             else:
                 stat.update(args[0], out)
 
-        self._handles.append(module.register_forward_hook(hook))
+        self._sites.append((module, where))
+        self._handles.append(module.register_forward_pre_hook(before) if where == "input"
+                             else module.register_forward_hook(after))
         return stat
+
+    @contextmanager
+    def until_filled(self) -> Iterator[None]:
+        """Run the forward in this block only as far as the statistics need: once every watched
+        module has fed them, the rest is skipped (the block ends there, without error).
+
+        For forwards whose outputs are not used (FLAT-LLM's statistics pass runs each layer
+        dense only for its statistics, then again compressed for the next layer's inputs): a
+        down_proj watched at its input then costs no product. A module that ran twice in one
+        forward would lose its later calls, so the first forward of a tap runs to the end and
+        counts the calls; only if every watched module ran once do later forwards stop early.
+        """
+        sites = {(module, where == "input") for module, where in self._sites}
+        if not sites or self._once is False:
+            yield
+            return
+        calls: dict[tuple[int, bool], int] = {}
+        counting = self._once is None
+
+        def fired(module: nn.Module, before: bool) -> None:
+            if self._paused:
+                return
+            key = (id(module), before)
+            calls[key] = calls.get(key, 0) + 1
+            if not counting and len(calls) == len(sites):
+                raise _Filled
+
+        # Registered after the statistics' own hooks, so those have run when one stops the forward.
+        handles = [module.register_forward_pre_hook(lambda m, _args: fired(m, True)) if before
+                   else module.register_forward_hook(lambda m, _args, _out: fired(m, False))
+                   for module, before in sites]
+        try:
+            yield
+            if counting:
+                self._once = len(calls) == len(sites) and all(n == 1 for n in calls.values())
+        except _Filled:
+            self.stopped += 1
+        finally:
+            for handle in handles:
+                handle.remove()
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -195,6 +250,7 @@ class Tap:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._sites.clear()
         if reduce is not None:
             for stat in self.stats.values():
                 stat.all_reduce(reduce)

@@ -60,6 +60,8 @@ def lowrank_collect_layer(run: RunState, tap: Tap, layer: int) -> None:
     once for a layer (the dense-input pass first asks which statistics a layer needs, to skip
     forwards for statistics it already holds), so an implementation only attaches gatherers.
     Results land in ``run.stats`` before ``lowrank_transform`` for the layer and are dropped after it.
+    The sequential pass stops a layer's dense forward once every watched module has fed its
+    statistic (``Tap.until_filled``), so attach gatherers through ``tap``, not hooks of your own.
     """
 
 

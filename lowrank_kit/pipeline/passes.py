@@ -280,7 +280,10 @@ class SequentialPass(LayerPass):
             for earlier in range(self.depth, index):  # layer by layer: an offloaded one is read once
                 self.advance(earlier)
             for item in self.inputs:
-                self.forward_layer(index, item)
+                # The dense layer's outputs are not used (the compressed layer's feed the next one):
+                # it runs only until its statistics are fed (e.g. a down_proj read at its input is skipped).
+                with tap.until_filled():
+                    self.forward_layer(index, item)
             self.depth = index
         return tap.close(self.ctx.reduce())
 
