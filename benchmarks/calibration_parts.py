@@ -1,0 +1,133 @@
+"""Two parts of calibration timed old way against new way, interleaved in one process.
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/calibration_parts.py [--layers 0,10,20,29] [--repeats 3]
+
+On the standard calibration data (the flat_llm recipe's: Emma 16×512, batches of 4), layer by
+layer on the dense model:
+
+- **statistics forward**: FLAT-LLM's sequential pass runs each dense layer only for its
+  statistics (value states, down_proj's input). Full forward against ``Tap.until_filled``
+  (the first batch runs to the end to count the watched calls, later ones stop before
+  down_proj).
+- **SVD-LLM factorisation** of the layer's seven projections at the uniform rank of ratio 0.2:
+  Cholesky of each input Gram and the SVD of W S for every projection, against
+  ``whitened_spectrum`` (no Cholesky factor and no triangular solve for q, k, v, o, down_proj).
+  Both give the same factors; the largest difference of A·B is printed.
+
+Medians of the repeats per layer, summed over the layers timed; the ratio new/old is what the
+change saves of that part. Sharing the cores shifts both sides alike (interleaved).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch
+
+from lowrank_kit import api
+from lowrank_kit.calibration.stats import Gram, HeadGram, Tap
+from lowrank_kit.compressed.linalg import Spectrum, psd_cholesky, thin_svd, whitened_spectrum
+from lowrank_kit.models.adapters import PROJECTIONS, adapter_for
+from lowrank_kit.models.loading import load_model
+from lowrank_kit.pipeline.engine import calibration_batches
+from lowrank_kit.pipeline.replay import capture, run_layer
+
+INPUT_OF = {"q_proj": "q_proj", "k_proj": "q_proj", "v_proj": "q_proj", "o_proj": "o_proj",
+            "gate_proj": "gate_proj", "up_proj": "gate_proj", "down_proj": "down_proj"}
+
+
+def statistics_forward(adapter, layer: int, inputs: list, early: bool) -> float:
+    tap = Tap()
+    tap.watch("v", adapter.projection(layer, "v_proj"), HeadGram(adapter.geometry.head_dim), where="output")
+    tap.watch("z", adapter.projection(layer, "down_proj"), Gram())
+    start = time.perf_counter()
+    with torch.no_grad():
+        for item in inputs:
+            with tap.until_filled() if early else contextlib.nullcontext():
+                run_layer(adapter.layers[layer], item, layer)
+    seconds = time.perf_counter() - start
+    tap.close()
+    return seconds
+
+
+def cholesky_route(weights: dict[str, torch.Tensor], grams: dict[str, torch.Tensor]) -> dict[str, Spectrum]:
+    factors = {key: psd_cholesky(gram) for key, gram in grams.items()}
+    return {proj: Spectrum(*thin_svd(w.double() @ factors[INPUT_OF[proj]]), whitening=factors[INPUT_OF[proj]])
+            for proj, w in weights.items()}
+
+
+def factorise(weights: dict[str, torch.Tensor], grams: dict[str, torch.Tensor], new: bool,
+              ranks: dict[str, int]) -> tuple[float, dict[str, torch.Tensor]]:
+    start = time.perf_counter()
+    if new:
+        spectra = {proj: whitened_spectrum(w, grams[INPUT_OF[proj]]) for proj, w in weights.items()}
+    else:
+        spectra = cholesky_route(weights, grams)
+    products = {proj: spectra[proj].factors(ranks[proj]) for proj in weights}
+    seconds = time.perf_counter() - start
+    return seconds, {proj: a @ b for proj, (a, b) in products.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", default="0,10,20,29")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    recipe = api.load_recipe("flat_llm")
+    model, tokenizer = load_model(recipe.model.path, recipe.model.gguf_file, recipe.model.dtype)
+    adapter = adapter_for(model)
+    batches = calibration_batches(recipe.calibration, tokenizer, adapter.needs_bos)
+    with torch.no_grad():
+        inputs = [capture(model, adapter.layers, batch) for batch in batches]
+    layers = [int(x) for x in args.layers.split(",")]
+    times: dict[str, list[float]] = {"forward full": [], "forward until filled": [],
+                                     "SVD-LLM Cholesky route": [], "SVD-LLM whitened_spectrum": []}
+    largest = 0.0
+    depth = 0
+    for layer in layers:
+        with torch.no_grad():  # move the inputs on to this layer, dense
+            for item in inputs:
+                for index in range(depth, layer):
+                    item.hidden = run_layer(adapter.layers[index], item, index)
+        depth = layer
+        tap = Tap()
+        for proj in ("q_proj", "o_proj", "gate_proj", "down_proj"):
+            tap.watch(proj, adapter.projection(layer, proj), Gram())
+        with torch.no_grad():
+            for item in inputs:
+                run_layer(adapter.layers[layer], item, layer)
+        grams = {key: stat.matrix for key, stat in tap.close().items()}
+        weights = {proj: adapter.projection(layer, proj).weight.detach() for proj in PROJECTIONS}
+        ranks = {proj: int(0.8 * w.shape[0] * w.shape[1] / sum(w.shape)) for proj, w in weights.items()}
+        runs: dict[str, list[float]] = {key: [] for key in times}
+        for _ in range(args.repeats):
+            runs["forward full"].append(statistics_forward(adapter, layer, inputs, early=False))
+            runs["forward until filled"].append(statistics_forward(adapter, layer, inputs, early=True))
+            old_s, old = factorise(weights, grams, False, ranks)
+            new_s, new = factorise(weights, grams, True, ranks)
+            runs["SVD-LLM Cholesky route"].append(old_s)
+            runs["SVD-LLM whitened_spectrum"].append(new_s)
+            largest = max(largest, max(float((old[p] - new[p]).abs().max() / old[p].abs().max()) for p in old))
+        for key in times:
+            times[key].append(statistics.median(runs[key]))
+        print(f"layer {layer}: " + ", ".join(f"{key} {statistics.median(runs[key]):.3f} s" for key in times),
+              flush=True)
+    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads; layers {args.layers}, "
+          f"{len(batches)} batches of {batches[0].shape}; medians of {args.repeats} per layer, summed\n")
+    print("| part | old s | new s | new / old |")
+    print("|---|---:|---:|---:|")
+    for old_key, new_key in (("forward full", "forward until filled"),
+                             ("SVD-LLM Cholesky route", "SVD-LLM whitened_spectrum")):
+        old, new = sum(times[old_key]), sum(times[new_key])
+        print(f"| {old_key} → {new_key} | {old:.3f} | {new:.3f} | {new / old:.3f} |")
+    print(f"\nlargest difference of A·B between the two routes, relative to its largest entry: {largest:.1e}")
+
+
+if __name__ == "__main__":
+    main()
