@@ -13,6 +13,9 @@ layer on the dense model:
   Cholesky of each input Gram and the SVD of W S for every projection, against
   ``whitened_spectrum`` (no Cholesky factor and no triangular solve for q, k, v, o, down_proj).
   Both give the same factors; the largest difference of A·B is printed.
+- **input Grams** of the layer's four projection inputs (q/k/v's, o's, gate/up's, down's) over
+  the calibration tokens: one product XᵀX per block of tokens against the column blocks on and
+  above the diagonal only (``SYMMETRIC_BLOCKS``).
 
 Medians of the repeats per layer, summed over the layers timed; the ratio new/old is what the
 change saves of that part. Sharing the cores shifts both sides alike (interleaved).
@@ -31,6 +34,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 from lowrank_kit import api
+from lowrank_kit.calibration import stats as stats_module
 from lowrank_kit.calibration.stats import Gram, HeadGram, Tap
 from lowrank_kit.compressed.linalg import Spectrum, psd_cholesky, thin_svd, whitened_spectrum
 from lowrank_kit.models.adapters import PROJECTIONS, adapter_for
@@ -54,6 +58,21 @@ def statistics_forward(adapter, layer: int, inputs: list, early: bool) -> float:
     seconds = time.perf_counter() - start
     tap.close()
     return seconds
+
+
+def input_grams(activations: dict[str, list[torch.Tensor]], symmetric: bool) -> float:
+    saved = stats_module.SYMMETRIC_MIN_WIDTH
+    stats_module.SYMMETRIC_MIN_WIDTH = saved if symmetric else 1 << 30
+    try:
+        start = time.perf_counter()
+        for batches in activations.values():
+            gram = Gram()
+            for x in batches:
+                gram.update(x)
+            _ = gram.matrix  # the whole matrix, as its consumers read it
+        return time.perf_counter() - start
+    finally:
+        stats_module.SYMMETRIC_MIN_WIDTH = saved
 
 
 def cholesky_route(weights: dict[str, torch.Tensor], grams: dict[str, torch.Tensor]) -> dict[str, Spectrum]:
@@ -87,7 +106,8 @@ def main() -> None:
         inputs = [capture(model, adapter.layers, batch) for batch in batches]
     layers = [int(x) for x in args.layers.split(",")]
     times: dict[str, list[float]] = {"forward full": [], "forward until filled": [],
-                                     "SVD-LLM Cholesky route": [], "SVD-LLM whitened_spectrum": []}
+                                     "SVD-LLM Cholesky route": [], "SVD-LLM whitened_spectrum": [],
+                                     "Grams, one product": [], "Grams, upper blocks": []}
     largest = 0.0
     depth = 0
     for layer in layers:
@@ -97,11 +117,18 @@ def main() -> None:
                     item.hidden = run_layer(adapter.layers[index], item, index)
         depth = layer
         tap = Tap()
+        activations: dict[str, list[torch.Tensor]] = {}
+        handles = []
         for proj in ("q_proj", "o_proj", "gate_proj", "down_proj"):
             tap.watch(proj, adapter.projection(layer, proj), Gram())
+            kept = activations[proj] = []
+            handles.append(adapter.projection(layer, proj).register_forward_pre_hook(
+                lambda _m, args, kept=kept: kept.append(args[0].detach().reshape(-1, args[0].shape[-1]))))
         with torch.no_grad():
             for item in inputs:
                 run_layer(adapter.layers[layer], item, layer)
+        for handle in handles:
+            handle.remove()
         grams = {key: stat.matrix for key, stat in tap.close().items()}
         weights = {proj: adapter.projection(layer, proj).weight.detach() for proj in PROJECTIONS}
         ranks = {proj: int(0.8 * w.shape[0] * w.shape[1] / sum(w.shape)) for proj, w in weights.items()}
@@ -113,6 +140,8 @@ def main() -> None:
             new_s, new = factorise(weights, grams, True, ranks)
             runs["SVD-LLM Cholesky route"].append(old_s)
             runs["SVD-LLM whitened_spectrum"].append(new_s)
+            runs["Grams, one product"].append(input_grams(activations, symmetric=False))
+            runs["Grams, upper blocks"].append(input_grams(activations, symmetric=True))
             largest = max(largest, max(float((old[p] - new[p]).abs().max() / old[p].abs().max()) for p in old))
         for key in times:
             times[key].append(statistics.median(runs[key]))
@@ -123,7 +152,8 @@ def main() -> None:
     print("| part | old s | new s | new / old |")
     print("|---|---:|---:|---:|")
     for old_key, new_key in (("forward full", "forward until filled"),
-                             ("SVD-LLM Cholesky route", "SVD-LLM whitened_spectrum")):
+                             ("SVD-LLM Cholesky route", "SVD-LLM whitened_spectrum"),
+                             ("Grams, one product", "Grams, upper blocks")):
         old, new = sum(times[old_key]), sum(times[new_key])
         print(f"| {old_key} → {new_key} | {old:.3f} | {new:.3f} | {new / old:.3f} |")
     print(f"\nlargest difference of A·B between the two routes, relative to its largest entry: {largest:.1e}")

@@ -119,6 +119,24 @@ def test_layer_statistics_see_the_compressed_predecessors(tmp_path: Path, plugin
         assert torch.allclose(LayerInputWatcher.seen[layer].matrix, x.T @ x, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("width", [64, 600, 1537])
+def test_a_gram_from_its_upper_blocks_is_the_whole_symmetric_product(width: int) -> None:
+    """Wide inputs multiply only the column blocks on and above the diagonal (a ragged last
+    block at 1,537); the matrix every consumer reads is whole, symmetric, one tensor, and made
+    again after a further update."""
+    torch.manual_seed(0)
+    x = torch.randn(300, width, dtype=torch.float64)
+    for dtype, rtol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        gram = Gram()
+        gram.update(x[:100].to(dtype))
+        first = gram.matrix
+        assert gram.matrix is first and torch.equal(first, first.T)
+        assert torch.allclose(first, x[:100].T @ x[:100], rtol=rtol, atol=rtol * 100)
+        gram.update(x[100:].to(dtype))
+        assert gram.matrix is not first
+        assert torch.allclose(gram.matrix, x.T @ x, rtol=rtol, atol=rtol * 300)
+
+
 def test_a_forward_stops_once_its_statistics_are_fed() -> None:
     """``Tap.until_filled``: after a first full forward that counts the watched modules' calls, a
     module read at its input never runs, nor anything after it; the statistics are those of

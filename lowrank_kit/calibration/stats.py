@@ -51,24 +51,66 @@ def _products(x: torch.Tensor, product: Callable[[torch.Tensor], torch.Tensor]) 
     return total
 
 
+# XᵀX is symmetric, so only the blocks on and above the diagonal of a grid of SYMMETRIC_BLOCKS ×
+# SYMMETRIC_BLOCKS column blocks are multiplied: 10 of 16 products' work (torch has no symmetric
+# rank-k update). Measured on this 2-core CPU, 2,048 float32 tokens: 0.78 of the full product's
+# time at width 576, 0.72 at 1,536; narrower inputs keep the one product.
+SYMMETRIC_BLOCKS = 4
+SYMMETRIC_MIN_WIDTH = 512
+
+
+def _upper_gram(block: torch.Tensor) -> torch.Tensor:
+    """blockᵀ block where its upper triangle is concerned: the column blocks on and above the
+    diagonal (the rest is left 0); ``_mirror`` makes it whole."""
+    width = block.shape[1]
+    if width < SYMMETRIC_MIN_WIDTH:
+        return block.T @ block
+    size = -(-width // SYMMETRIC_BLOCKS)
+    out = block.new_zeros(width, width)
+    for start in range(0, width, size):
+        rows = block[:, start:start + size]
+        torch.mm(rows.T, block[:, start:], out=out[start:start + size, start:])
+    return out
+
+
+def _mirror(upper: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle ``upper`` holds."""
+    return torch.triu(upper) + torch.triu(upper, 1).T
+
+
 class Gram(Statistic):
-    """Σ xᵀx over tokens of a module's input (or output), float64, and the token count."""
+    """Σ xᵀx over tokens of a module's input (or output), float64, and the token count.
+
+    ``sum`` holds the upper triangle (``_upper_gram``); ``matrix`` is the whole symmetric
+    matrix, made once after the last update, so every consumer reads the same tensor.
+    """
 
     def __init__(self) -> None:
         self.sum: torch.Tensor | None = None
         self.count = torch.zeros((), dtype=torch.float64)
+        self._whole: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1])
-        gram = _products(x, lambda block: block.T @ block)
+        gram = _products(x, _upper_gram)
         self.sum = gram if self.sum is None else self.sum + gram
         self.count = self.count.to(x.device) + x.shape[0]
+        self._whole = None
+
+    def sums(self) -> dict[str, torch.Tensor]:
+        return {"sum": self.sum, "count": self.count} if self.sum is not None else {"count": self.count}
+
+    def all_reduce(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().all_reduce(reduce)
+        self._whole = None
 
     @property
     def matrix(self) -> torch.Tensor:
         if self.sum is None:
             raise RuntimeError("statistic saw no calibration data")
-        return self.sum
+        if self._whole is None:
+            self._whole = _mirror(self.sum)
+        return self._whole
 
 
 class GradientGram(Gram):
