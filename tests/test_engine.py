@@ -122,8 +122,8 @@ def test_layer_statistics_see_the_compressed_predecessors(tmp_path: Path, plugin
 @pytest.mark.parametrize("width", [64, 600, 1537])
 def test_a_gram_from_its_upper_blocks_is_the_whole_symmetric_product(width: int) -> None:
     """Wide inputs multiply only the column blocks on and above the diagonal (a ragged last
-    block at 1,537); the matrix every consumer reads is whole, symmetric, one tensor, and made
-    again after a further update."""
+    block at 1,537); the matrix every consumer reads is whole, symmetric and one tensor, and
+    stays right after a further update and after an all-reduce."""
     torch.manual_seed(0)
     x = torch.randn(300, width, dtype=torch.float64)
     for dtype, rtol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
@@ -135,6 +135,8 @@ def test_a_gram_from_its_upper_blocks_is_the_whole_symmetric_product(width: int)
         gram.update(x[100:].to(dtype))
         assert gram.matrix is not first
         assert torch.allclose(gram.matrix, x.T @ x, rtol=rtol, atol=rtol * 300)
+        gram.all_reduce(lambda t: t * 2)  # two processes that saw the same tokens, after a read
+        assert torch.allclose(gram.matrix, 2 * x.T @ x, rtol=rtol, atol=rtol * 600)
 
 
 def test_a_forward_stops_once_its_statistics_are_fed() -> None:

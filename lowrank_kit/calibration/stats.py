@@ -41,12 +41,14 @@ GRAM_BLOCK = 2048
 
 def _products(x: torch.Tensor, product: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Σ over blocks of ``GRAM_BLOCK`` rows of product(block), each block in float32 (float64 input:
-    float64), summed in float64."""
+    float64), summed in float64. Autocast is off here: a mixed-precision run's activations are
+    still multiplied in float32."""
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     total: torch.Tensor | None = None
-    for block in x.split(GRAM_BLOCK):
-        part = product(block.to(work)).to(torch.float64)
-        total = part if total is None else total.add_(part)
+    with torch.autocast(x.device.type, enabled=False):
+        for block in x.split(GRAM_BLOCK):
+            part = product(block.to(work)).to(torch.float64)
+            total = part if total is None else total.add_(part)
     assert total is not None, "a statistic's update got no tokens"
     return total
 
@@ -61,7 +63,7 @@ SYMMETRIC_MIN_WIDTH = 512
 
 def _upper_gram(block: torch.Tensor) -> torch.Tensor:
     """blockᵀ block where its upper triangle is concerned: the column blocks on and above the
-    diagonal (the rest is left 0); ``_mirror`` makes it whole."""
+    diagonal (the rest is left 0); ``_mirror_`` makes it whole."""
     width = block.shape[1]
     if width < SYMMETRIC_MIN_WIDTH:
         return block.T @ block
@@ -73,44 +75,44 @@ def _upper_gram(block: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _mirror(upper: torch.Tensor) -> torch.Tensor:
-    """The symmetric matrix whose upper triangle ``upper`` holds."""
-    return torch.triu(upper) + torch.triu(upper, 1).T
+def _mirror_(matrix: torch.Tensor) -> None:
+    """Make ``matrix`` the symmetric matrix its upper triangle holds, in place (one temporary)."""
+    matrix.triu_()
+    matrix.add_(matrix.triu(1).mT)
 
 
 class Gram(Statistic):
     """Σ xᵀx over tokens of a module's input (or output), float64, and the token count.
 
-    ``sum`` holds the upper triangle (``_upper_gram``); ``matrix`` is the whole symmetric
-    matrix, made once after the last update, so every consumer reads the same tensor.
+    Updates add to the upper triangle of ``sum`` only (``_upper_gram``); ``matrix`` makes ``sum``
+    whole in place at its first read after an update, so every consumer reads the same tensor
+    and no second copy is held. A later update adds to the upper triangle again.
     """
 
     def __init__(self) -> None:
         self.sum: torch.Tensor | None = None
         self.count = torch.zeros((), dtype=torch.float64)
-        self._whole: torch.Tensor | None = None
+        self._whole = False
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1])
         gram = _products(x, _upper_gram)
         self.sum = gram if self.sum is None else self.sum + gram
         self.count = self.count.to(x.device) + x.shape[0]
-        self._whole = None
-
-    def sums(self) -> dict[str, torch.Tensor]:
-        return {"sum": self.sum, "count": self.count} if self.sum is not None else {"count": self.count}
+        self._whole = False
 
     def all_reduce(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
         super().all_reduce(reduce)
-        self._whole = None
+        self._whole = False  # a reduced sum is a new tensor; its upper triangle is right either way
 
     @property
     def matrix(self) -> torch.Tensor:
         if self.sum is None:
             raise RuntimeError("statistic saw no calibration data")
-        if self._whole is None:
-            self._whole = _mirror(self.sum)
-        return self._whole
+        if not self._whole:
+            _mirror_(self.sum)
+            self._whole = True
+        return self.sum
 
 
 class GradientGram(Gram):
