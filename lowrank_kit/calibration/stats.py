@@ -75,10 +75,18 @@ def _upper_gram(block: torch.Tensor) -> torch.Tensor:
     return out
 
 
+MIRROR_BLOCK = 1024  # rows a step of ``_mirror_``: its only temporary is one diagonal block
+
+
 def _mirror_(matrix: torch.Tensor) -> None:
-    """Make ``matrix`` the symmetric matrix its upper triangle holds, in place (one temporary)."""
-    matrix.triu_()
-    matrix.add_(matrix.triu(1).mT)
+    """Make ``matrix`` the symmetric matrix its upper triangle holds, in place, a band of rows at
+    a time (a Gram of a 28,672-wide input is 6.6 GB in float64: no whole-size temporary)."""
+    width = matrix.shape[0]
+    for start in range(0, width, MIRROR_BLOCK):
+        stop = min(start + MIRROR_BLOCK, width)
+        diagonal = matrix[start:stop, start:stop]
+        diagonal.copy_(diagonal.triu() + diagonal.triu(1).mT)
+        matrix[stop:, start:stop].copy_(matrix[start:stop, stop:].mT)
 
 
 class Gram(Statistic):
