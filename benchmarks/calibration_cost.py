@@ -76,6 +76,8 @@ def main() -> None:
     parser.add_argument("recipes", nargs="*", default=DEFAULT)
     parser.add_argument("--repeats", type=int, default=1, help="compressions per recipe (interleaved)")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="print the N costliest operators")
+    parser.add_argument("--no-backward", action="store_true",
+                        help="skip the forward+backward timings (the unit of Fisher scoring only)")
     args = parser.parse_args()
     first = api.load_recipe(args.recipes[0])
     model, tokenizer = load_model(first.model.path, first.model.gguf_file, first.model.dtype)
@@ -87,14 +89,17 @@ def main() -> None:
         for _ in range(args.repeats):
             for name in args.recipes:
                 forward.append(dense_seconds(model, batches, False))
-                backward.append(dense_seconds(model, batches, True))
+                if not args.no_backward:
+                    backward.append(dense_seconds(model, batches, True))
                 phases[name].append(compress_timings(name, model, tokenizer, folder))
         forward.append(dense_seconds(model, batches, False))
-        backward.append(dense_seconds(model, batches, True))
-        fwd, bwd = statistics.median(forward), statistics.median(backward)
+        if not args.no_backward:
+            backward.append(dense_seconds(model, batches, True))
+        fwd = statistics.median(forward)
+        bwd = statistics.median(backward) if backward else float("nan")
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {len(batches)} batches, {tokens} "
               f"calibration tokens; dense forward {fwd:.2f} s (min {min(forward):.2f}), forward+backward "
-              f"{bwd:.2f} s (min {min(backward):.2f}), medians of {len(forward)}\n")
+              f"{bwd:.2f} s (min {min(backward, default=float('nan')):.2f}), medians of {len(forward)}\n")
         print("| recipe | score s | compress s | score+compress / forward | score / forward+backward |")
         print("|---|---:|---:|---:|---:|")
         for name, runs in phases.items():
