@@ -96,16 +96,18 @@ def main() -> None:
         if not args.no_backward:
             backward.append(dense_seconds(model, batches, True))
         fwd = statistics.median(forward)
-        bwd = statistics.median(backward) if backward else float("nan")
+        bwd = statistics.median(backward) if backward else None
+        both = f"forward+backward {bwd:.2f} s (min {min(backward):.2f})" if bwd else "no forward+backward"
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {len(batches)} batches, {tokens} "
-              f"calibration tokens; dense forward {fwd:.2f} s (min {min(forward):.2f}), forward+backward "
-              f"{bwd:.2f} s (min {min(backward, default=float('nan')):.2f}), medians of {len(forward)}\n")
+              f"calibration tokens; dense forward {fwd:.2f} s (min {min(forward):.2f}), {both}, "
+              f"medians of {len(forward)}\n")
         print("| recipe | score s | compress s | score+compress / forward | score / forward+backward |")
         print("|---|---:|---:|---:|---:|")
         for name, runs in phases.items():
             score = statistics.median(_phase(r, "score") for r in runs)
             work = statistics.median(_phase(r, "score") + _phase(r, "compress") for r in runs)
-            print(f"| {name} | {score:.2f} | {work - score:.2f} | {work / fwd:.2f}× | {score / bwd:.2f}× |")
+            per_backward = f"{score / bwd:.2f}×" if bwd else "–"
+            print(f"| {name} | {score:.2f} | {work - score:.2f} | {work / fwd:.2f}× | {per_backward} |")
         if args.profile:
             profile(args.recipes[0], model, tokenizer, folder, args.profile)
 

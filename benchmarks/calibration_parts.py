@@ -42,9 +42,6 @@ from lowrank_kit.models.loading import load_model
 from lowrank_kit.pipeline.engine import calibration_batches
 from lowrank_kit.pipeline.replay import capture, run_layer
 
-INPUT_OF = {"q_proj": "q_proj", "k_proj": "q_proj", "v_proj": "q_proj", "o_proj": "o_proj",
-            "gate_proj": "gate_proj", "up_proj": "gate_proj", "down_proj": "down_proj"}
-
 
 def statistics_forward(adapter, layer: int, inputs: list, early: bool) -> float:
     tap = Tap()
@@ -75,19 +72,22 @@ def input_grams(activations: dict[str, list[torch.Tensor]], symmetric: bool) -> 
         stats_module.SYMMETRIC_MIN_WIDTH = saved
 
 
-def cholesky_route(weights: dict[str, torch.Tensor], grams: dict[str, torch.Tensor]) -> dict[str, Spectrum]:
+def cholesky_route(weights: dict[str, torch.Tensor], grams: dict[str, torch.Tensor],
+                   site: dict[str, str]) -> dict[str, Spectrum]:
     factors = {key: psd_cholesky(gram) for key, gram in grams.items()}
-    return {proj: Spectrum(*thin_svd(w.double() @ factors[INPUT_OF[proj]]), whitening=factors[INPUT_OF[proj]])
+    return {proj: Spectrum(*thin_svd(w.double() @ factors[site[proj]]), whitening=factors[site[proj]])
             for proj, w in weights.items()}
 
 
-def factorise(weights: dict[str, torch.Tensor], grams: dict[str, torch.Tensor], new: bool,
+def factorise(weights: dict[str, torch.Tensor], grams: dict[str, torch.Tensor], site: dict[str, str], new: bool,
               ranks: dict[str, int]) -> tuple[float, dict[str, torch.Tensor]]:
+    """Factors at ``ranks`` of every weight, its input Gram found through ``site`` (the adapter's
+    input site: q/k/v share one, gate/up another)."""
     start = time.perf_counter()
     if new:
-        spectra = {proj: whitened_spectrum(w, grams[INPUT_OF[proj]]) for proj, w in weights.items()}
+        spectra = {proj: whitened_spectrum(w, grams[site[proj]]) for proj, w in weights.items()}
     else:
-        spectra = cholesky_route(weights, grams)
+        spectra = cholesky_route(weights, grams, site)
     products = {proj: spectra[proj].factors(ranks[proj]) for proj in weights}
     seconds = time.perf_counter() - start
     return seconds, {proj: a @ b for proj, (a, b) in products.items()}
@@ -116,28 +116,33 @@ def main() -> None:
                 for index in range(depth, layer):
                     item.hidden = run_layer(adapter.layers[index], item, index)
         depth = layer
-        tap = Tap()
+        site = {proj: adapter.input_site(layer, proj) for proj in PROJECTIONS}
         activations: dict[str, list[torch.Tensor]] = {}
         handles = []
-        for proj in ("q_proj", "o_proj", "gate_proj", "down_proj"):
-            tap.watch(proj, adapter.projection(layer, proj), Gram())
-            kept = activations[proj] = []
-            handles.append(adapter.projection(layer, proj).register_forward_pre_hook(
-                lambda _m, args, kept=kept: kept.append(args[0].detach().reshape(-1, args[0].shape[-1]))))
+        for proj in PROJECTIONS:
+            if site[proj] not in activations:  # one input per site (q/k/v read one, gate/up another)
+                kept = activations[site[proj]] = []
+                handles.append(adapter.projection(layer, proj).register_forward_pre_hook(
+                    lambda _m, args, kept=kept: kept.append(args[0].detach().reshape(-1, args[0].shape[-1]))))
         with torch.no_grad():
             for item in inputs:
                 run_layer(adapter.layers[layer], item, layer)
         for handle in handles:
             handle.remove()
-        grams = {key: stat.matrix for key, stat in tap.close().items()}
+        grams = {}
+        for key, batches in activations.items():
+            gram = Gram()
+            for x in batches:
+                gram.update(x)
+            grams[key] = gram.matrix
         weights = {proj: adapter.projection(layer, proj).weight.detach() for proj in PROJECTIONS}
         ranks = {proj: int(0.8 * w.shape[0] * w.shape[1] / sum(w.shape)) for proj, w in weights.items()}
         runs: dict[str, list[float]] = {key: [] for key in times}
         for _ in range(args.repeats):
             runs["forward full"].append(statistics_forward(adapter, layer, inputs, early=False))
             runs["forward until filled"].append(statistics_forward(adapter, layer, inputs, early=True))
-            old_s, old = factorise(weights, grams, False, ranks)
-            new_s, new = factorise(weights, grams, True, ranks)
+            old_s, old = factorise(weights, grams, site, False, ranks)
+            new_s, new = factorise(weights, grams, site, True, ranks)
             runs["SVD-LLM Cholesky route"].append(old_s)
             runs["SVD-LLM whitened_spectrum"].append(new_s)
             runs["Grams, one product"].append(input_grams(activations, symmetric=False))

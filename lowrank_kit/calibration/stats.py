@@ -55,8 +55,8 @@ def _products(x: torch.Tensor, product: Callable[[torch.Tensor], torch.Tensor]) 
 
 # XᵀX is symmetric, so only the blocks on and above the diagonal of a grid of SYMMETRIC_BLOCKS ×
 # SYMMETRIC_BLOCKS column blocks are multiplied: 10 of 16 products' work (torch has no symmetric
-# rank-k update). Measured on this 2-core CPU, 2,048 float32 tokens: 0.78 of the full product's
-# time at width 576, 0.72 at 1,536; narrower inputs keep the one product.
+# rank-k update). benchmarks/calibration_parts.py: SmolLM2's four input Grams (widths 576 and
+# 1,536) over 8,192 tokens took 0.739 of the one product's time; narrower inputs keep the one product.
 SYMMETRIC_BLOCKS = 4
 SYMMETRIC_MIN_WIDTH = 512
 

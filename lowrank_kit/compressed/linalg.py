@@ -96,10 +96,17 @@ def thin_svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     """
     rows, cols = m.shape
     if rows <= cols:
-        vecs, s, inverse, _ = _descending_eigh(m @ m.T)
-        return vecs, s, inverse[:, None] * (vecs.T @ m)
+        return _left_spectrum(m @ m.T, m)[:3]
     vecs, s, inverse, _ = _descending_eigh(m.T @ m)
     return (m @ vecs) * inverse, s, vecs.T
+
+
+def _left_spectrum(row_gram: torch.Tensor,
+                   right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """U, σ and Σ⁻¹ Uᵀ ``right`` from the eigendecomposition of ``row_gram`` (M Mᵀ of the matrix
+    being decomposed), and whether an eigenvalue was unresolved (``_descending_eigh``)."""
+    vecs, s, inverse, unresolved = _descending_eigh(row_gram)
+    return vecs, s, inverse[:, None] * (vecs.T @ right), unresolved
 
 
 def svd_spectrum(weight: torch.Tensor) -> Spectrum:
@@ -197,9 +204,9 @@ def whitened_spectrum(weight: torch.Tensor, gram: torch.Tensor,
     target, unweight = (weight, None) if output is None else (output[0] @ weight, output[1])
     if target.shape[0] <= target.shape[1]:
         gram = gram.to(torch.float64)
-        vecs, s, inverse, unresolved = _descending_eigh(target @ gram @ target.T)
+        u, s, vh, unresolved = _left_spectrum(target @ gram @ target.T, target)
         if not unresolved:
-            return Spectrum(vecs, s, inverse[:, None] * (vecs.T @ target), unweight=unweight)
+            return Spectrum(u, s, vh, unweight=unweight)
     s_factor = shared_whitening(gram)
     return Spectrum(*thin_svd(target @ s_factor), whitening=s_factor, unweight=unweight)
 
