@@ -1,4 +1,4 @@
-"""Two parts of calibration timed old way against new way, interleaved in one process.
+"""Parts of calibration timed old way against new way, interleaved in one process.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/calibration_parts.py [--layers 0,10,20,29] [--repeats 3]
 
@@ -16,6 +16,9 @@ layer on the dense model:
 - **input Grams** of the layer's four projection inputs (q/k/v's, o's, gate/up's, down's) over
   the calibration tokens: one product XᵀX per block of tokens against the column blocks on and
   above the diagonal only (``SYMMETRIC_BLOCKS``).
+- **down_proj's Gram for SVD-LLM**: of its 1,536-wide input against its 576-wide output
+  (``output_whitened_spectrum`` needs only YᵀY = W XᵀX Wᵀ). The largest difference of A·B
+  between the factors from the two is printed.
 
 Medians of the repeats per layer, summed over the layers timed; the ratio new/old is what the
 change saves of that part. Sharing the cores shifts both sides alike (interleaved).
@@ -36,7 +39,13 @@ import torch
 from lowrank_kit import api
 from lowrank_kit.calibration import stats as stats_module
 from lowrank_kit.calibration.stats import Gram, HeadGram, Tap
-from lowrank_kit.compressed.linalg import Spectrum, psd_cholesky, thin_svd, whitened_spectrum
+from lowrank_kit.compressed.linalg import (
+    Spectrum,
+    output_whitened_spectrum,
+    psd_cholesky,
+    thin_svd,
+    whitened_spectrum,
+)
 from lowrank_kit.models.adapters import PROJECTIONS, adapter_for
 from lowrank_kit.models.loading import load_model
 from lowrank_kit.pipeline.engine import calibration_batches
@@ -57,16 +66,26 @@ def statistics_forward(adapter, layer: int, inputs: list, early: bool) -> float:
     return seconds
 
 
+def gram_of(batches: list[torch.Tensor]) -> torch.Tensor:
+    gram = Gram()
+    for x in batches:
+        gram.update(x)
+    return gram.matrix  # the whole matrix, as its consumers read it
+
+
+def timed_gram(batches: list[torch.Tensor]) -> float:
+    start = time.perf_counter()
+    gram_of(batches)
+    return time.perf_counter() - start
+
+
 def input_grams(activations: dict[str, list[torch.Tensor]], symmetric: bool) -> float:
     saved = stats_module.SYMMETRIC_MIN_WIDTH
     stats_module.SYMMETRIC_MIN_WIDTH = saved if symmetric else 1 << 30
     try:
         start = time.perf_counter()
         for batches in activations.values():
-            gram = Gram()
-            for x in batches:
-                gram.update(x)
-            _ = gram.matrix  # the whole matrix, as its consumers read it
+            gram_of(batches)
         return time.perf_counter() - start
     finally:
         stats_module.SYMMETRIC_MIN_WIDTH = saved
@@ -107,8 +126,9 @@ def main() -> None:
     layers = [int(x) for x in args.layers.split(",")]
     times: dict[str, list[float]] = {"forward full": [], "forward until filled": [],
                                      "SVD-LLM Cholesky route": [], "SVD-LLM whitened_spectrum": [],
-                                     "Grams, one product": [], "Grams, upper blocks": []}
-    largest = 0.0
+                                     "Grams, one product": [], "Grams, upper blocks": [],
+                                     "down_proj input Gram": [], "down_proj output Gram": []}
+    largest = largest_down = 0.0
     depth = 0
     for layer in layers:
         with torch.no_grad():  # move the inputs on to this layer, dense
@@ -124,19 +144,21 @@ def main() -> None:
                 kept = activations[site[proj]] = []
                 handles.append(adapter.projection(layer, proj).register_forward_pre_hook(
                     lambda _m, args, kept=kept: kept.append(args[0].detach().reshape(-1, args[0].shape[-1]))))
+        down_outputs: list[torch.Tensor] = []
+        handles.append(adapter.projection(layer, "down_proj").register_forward_hook(
+            lambda _m, _args, out, kept=down_outputs: kept.append(out.detach().reshape(-1, out.shape[-1]))))
         with torch.no_grad():
             for item in inputs:
                 run_layer(adapter.layers[layer], item, layer)
         for handle in handles:
             handle.remove()
-        grams = {}
-        for key, batches in activations.items():
-            gram = Gram()
-            for x in batches:
-                gram.update(x)
-            grams[key] = gram.matrix
+        grams = {key: gram_of(batches) for key, batches in activations.items()}
         weights = {proj: adapter.projection(layer, proj).weight.detach() for proj in PROJECTIONS}
         ranks = {proj: int(0.8 * w.shape[0] * w.shape[1] / sum(w.shape)) for proj, w in weights.items()}
+        down = site["down_proj"]
+        a, b = whitened_spectrum(weights["down_proj"], grams[down]).factors(ranks["down_proj"])
+        oa, ob = output_whitened_spectrum(weights["down_proj"], gram_of(down_outputs)).factors(ranks["down_proj"])
+        largest_down = max(largest_down, float((a @ b - oa @ ob).abs().max() / (a @ b).abs().max()))
         runs: dict[str, list[float]] = {key: [] for key in times}
         for _ in range(args.repeats):
             runs["forward full"].append(statistics_forward(adapter, layer, inputs, early=False))
@@ -147,6 +169,8 @@ def main() -> None:
             runs["SVD-LLM whitened_spectrum"].append(new_s)
             runs["Grams, one product"].append(input_grams(activations, symmetric=False))
             runs["Grams, upper blocks"].append(input_grams(activations, symmetric=True))
+            runs["down_proj input Gram"].append(timed_gram(activations[down]))
+            runs["down_proj output Gram"].append(timed_gram(down_outputs))
             largest = max(largest, max(float((old[p] - new[p]).abs().max() / old[p].abs().max()) for p in old))
         for key in times:
             times[key].append(statistics.median(runs[key]))
@@ -158,10 +182,12 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     for old_key, new_key in (("forward full", "forward until filled"),
                              ("SVD-LLM Cholesky route", "SVD-LLM whitened_spectrum"),
-                             ("Grams, one product", "Grams, upper blocks")):
+                             ("Grams, one product", "Grams, upper blocks"),
+                             ("down_proj input Gram", "down_proj output Gram")):
         old, new = sum(times[old_key]), sum(times[new_key])
         print(f"| {old_key} → {new_key} | {old:.3f} | {new:.3f} | {new / old:.3f} |")
     print(f"\nlargest difference of A·B between the two routes, relative to its largest entry: {largest:.1e}")
+    print(f"the same for down_proj's factors from its input Gram and from its output Gram: {largest_down:.1e}")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from lowrank_kit.compressed.factorization import (
 from lowrank_kit.compressed.linalg import (
     Spectrum,
     output_weighting,
+    output_whitened_spectrum,
     psd_cholesky,
     scaled_spectrum,
     svd_spectrum,
@@ -73,7 +74,7 @@ __all__ = [
     "Spectrum", "SquaredGrad", "Statistic", "Strategy", "StrategyRegistry", "Tap", "Unit", "ValueDimAttention",
     "achieved_ratio", "aligned_linear", "candidates", "capped_shares", "check_output_fisher", "group_name", "hookimpl",
     "install_decoder", "largest_meeting_target", "layer_name", "layer_score", "moved_argument", "output_fisher",
-    "output_weighting", "plan_from_fractions", "plan_ranks", "projection_name", "projection_score", "projection_units",
-    "psd_cholesky", "scaled_spectrum", "shrink_values", "statistic_key", "svd_spectrum", "symmetric_eigh",
-    "uniform_fraction", "watch_output_fisher", "whitened_spectrum",
+    "output_weighting", "output_whitened_spectrum", "plan_from_fractions", "plan_ranks", "projection_name",
+    "projection_score", "projection_units", "psd_cholesky", "scaled_spectrum", "shrink_values", "statistic_key",
+    "svd_spectrum", "symmetric_eigh", "uniform_fraction", "watch_output_fisher", "whitened_spectrum",
 ]

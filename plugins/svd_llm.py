@@ -2,6 +2,9 @@
 
 Truncating W S (S S^T = X^T X) loses exactly the squared dropped singular values in output
 error on the calibration inputs. Works on GQA models: k/v shapes come from the adapter.
+A bias-free projection with fewer outputs than inputs (down_proj) is read at its output: the
+Gram Y^T Y = W X^T X W^T is all its factors need, and it is the narrower one (deviation from
+§2's per-layer X^T X in what is gathered, not in the factors; ``output_whitened_spectrum``).
 
 ``output_fisher: λ`` (an option, our extension; null keeps SVD-LLM) also weights the output
 side: the SVD is of R W S, with R² the projection's output Fisher Σ gᵀg (loss gradients at its
@@ -29,6 +32,7 @@ from lowrank_kit.extend import (
     check_output_fisher,
     hookimpl,
     output_fisher,
+    output_whitened_spectrum,
     watch_output_fisher,
     whitened_spectrum,
 )
@@ -65,10 +69,17 @@ class SvdLlm(ProjectionFactorization):
                 if unit.transform == self.name:
                     watch_output_fisher(run, tap, unit.layer, unit.projection)
 
+    def reads_output(self, run: RunState, layer: int, projection: str) -> bool:
+        """A bias-free projection with fewer outputs than inputs (down_proj) is factorised from the
+        Gram of its outputs, W XᵀX Wᵀ, narrower than its input's (``output_whitened_spectrum``)."""
+        rows, cols = run.geometry.dense_shape(projection)
+        return rows < cols and run.adapter.projection(layer, projection).bias is None
+
     def unit_spectrum(self, run: RunState, unit: Unit, weight: torch.Tensor, stat: Statistic | None) -> Spectrum:
-        if self.args.output_fisher is None:
-            return self.spectrum(weight, stat)
-        weighting = output_fisher(run, unit.layer, unit.projection, self.args.output_fisher)
+        weighting = (None if self.args.output_fisher is None
+                     else output_fisher(run, unit.layer, unit.projection, self.args.output_fisher))
+        if self.reads_output(run, unit.layer, unit.projection):
+            return output_whitened_spectrum(weight, stat.matrix, weighting)
         return whitened_spectrum(weight, stat.matrix, weighting)
 
 

@@ -10,7 +10,13 @@ from lowrank_kit_plugins.svd import Svd
 from lowrank_kit_plugins.svd_llm import SvdLlm
 
 from lowrank_kit.calibration.stats import Gram, Tap
-from lowrank_kit.compressed.linalg import output_weighting, scaled_spectrum, svd_spectrum, whitened_spectrum
+from lowrank_kit.compressed.linalg import (
+    output_weighting,
+    output_whitened_spectrum,
+    scaled_spectrum,
+    svd_spectrum,
+    whitened_spectrum,
+)
 from lowrank_kit.compressed.modules import LowRankLinear
 from lowrank_kit.models.adapters import PROJECTIONS, adapter_for
 from lowrank_kit.pipeline.replay import LayerInputs, capture, run_layer
@@ -98,6 +104,49 @@ def test_whitening_survives_a_singular_gram(rows: int) -> None:
     error = (a @ b @ x.T - weight @ x.T).norm() / (weight @ x.T).norm()
     assert error < 1e-2
     a, b = spectrum.factors(min(weight.shape))  # and full rank is the weight itself
+    assert torch.allclose(a @ b, weight, atol=1e-8)
+
+
+@pytest.mark.parametrize("output", [False, True], ids=["plain", "fisher-weighted"])
+def test_factors_from_the_output_gram_equal_those_from_the_input_gram(output: bool) -> None:
+    """Y = X Wᵀ, so YᵀY = W XᵀX Wᵀ: a wide W factorised from its outputs' Gram gets SVD-LLM's
+    factors at every rank; a tall one needs its input Gram and is refused."""
+    torch.manual_seed(0)
+    weight = torch.randn(24, 40, dtype=torch.float64)
+    x = torch.randn(500, 40, dtype=torch.float64) @ torch.randn(40, 40, dtype=torch.float64)
+    y = x @ weight.T
+    weighting = None
+    if output:
+        g = torch.randn(300, 24, dtype=torch.float64) * torch.logspace(0, -2, 24, dtype=torch.float64)
+        weighting = output_weighting(g.T @ g, 0.01)
+    reference = whitened_spectrum(weight, x.T @ x, weighting)
+    spectrum = output_whitened_spectrum(weight, y.T @ y, weighting)
+    assert torch.allclose(spectrum.s, reference.s, rtol=1e-9)
+    for rank in (1, 7, 24):
+        a, b = spectrum.factors(rank)
+        ra, rb = reference.factors(rank)
+        assert torch.allclose(a @ b, ra @ rb, atol=1e-9 * (ra @ rb).abs().max())
+    with pytest.raises(ValueError, match="input Gram"):
+        output_whitened_spectrum(weight.T, x.T @ x)
+
+
+def test_factors_from_a_singular_output_gram_take_the_shift() -> None:
+    """Fewer tokens than rows: YᵀY is singular, and the shifted W (XᵀX + εI) Wᵀ orders the
+    directions the data never reached, as SVD-LLM's shifted Cholesky route does."""
+    torch.manual_seed(0)
+    weight = torch.randn(8, 16, dtype=torch.float64)
+    x = torch.randn(5, 16, dtype=torch.float64)
+    y = x @ weight.T
+    spectrum = output_whitened_spectrum(weight, y.T @ y)
+    reference = whitened_spectrum(weight, x.T @ x)
+    for rank in (5, 6):
+        a, b = spectrum.factors(rank)
+        assert torch.isfinite(a).all() and torch.isfinite(b).all()
+        ra, rb = reference.factors(rank)
+        assert torch.allclose(a @ b, ra @ rb, atol=1e-3 * weight.abs().max())
+    a, b = spectrum.factors(5)  # rank 5 spans the data, up to the shift
+    assert (a @ b @ x.T - y.T).norm() / y.norm() < 1e-2
+    a, b = spectrum.factors(8)
     assert torch.allclose(a @ b, weight, atol=1e-8)
 
 
@@ -309,3 +358,36 @@ def test_padded_rows_add_no_guard_on_the_sequence_length() -> None:
             x = torch.randn(1, tokens, 24)
             torch.testing.assert_close(compiled(x), resized(x))
     assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("output_fisher", [None, 0.01], ids=["plain", "fisher-weighted"])
+def test_svd_llm_reads_a_wide_projection_at_its_output_with_the_same_result(
+        tmp_path, monkeypatch: pytest.MonkeyPatch, output_fisher: float | None) -> None:
+    """The engine gathers down_proj's (narrower) output Gram for svd_llm, and the compressed
+    model matches the one factorised from its input Gram."""
+    from conftest import ByteTokenizer, tiny_recipe
+
+    from lowrank_kit import compress
+
+    watched: list[tuple[str, str]] = []
+    original = Tap.watch
+
+    def watch(self: Tap, key: str, module, stat, where: str = "input"):
+        watched.append((key, where))
+        return original(self, key, module, stat, where)
+
+    monkeypatch.setattr(Tap, "watch", watch)
+    ids = sample_ids(n=2, length=32)
+    logits = []
+    for reads_output in (True, False):
+        if not reads_output:
+            monkeypatch.setattr(SvdLlm, "reads_output", lambda self, run, layer, projection: False)
+        recipe = tiny_recipe(tmp_path / str(reads_output), "svd_llm", 0.3,
+                             transform=[{"plugin": "svd_llm", "output_fisher": output_fisher}])
+        model = compress(recipe, model=tiny_model("llama"), tokenizer=ByteTokenizer(), progress=False).model
+        with torch.no_grad():
+            logits.append(model(input_ids=ids).logits)
+        if reads_output:
+            assert ("Gram:layers.0.down_proj_output", "output") in watched
+            assert not any(key == "Gram:layers.0.down_proj_input" for key, _ in watched)
+    assert torch.allclose(logits[0], logits[1], atol=1e-4 * logits[1].abs().max())

@@ -75,9 +75,16 @@ class ProjectionFactorization(Strategy):
         """The rank-independent factorisation of one dense weight (float64)."""
         raise NotImplementedError
 
+    def reads_output(self, run: RunState, layer: int, projection: str) -> bool:
+        """Whether ``statistic`` is taken at the projection's output rather than its input (never here)."""
+        return False
+
     def _key(self, run: RunState, layer: int, projection: str) -> str:
         assert self.statistic is not None
-        return statistic_key(self.statistic, run.adapter.input_site(layer, projection))
+        adapter = run.adapter
+        site = (adapter.output_site(layer, projection) if self.reads_output(run, layer, projection)
+                else adapter.input_site(layer, projection))
+        return statistic_key(self.statistic, site)
 
     @hookimpl
     def lowrank_units(self, run: RunState) -> list[Unit]:
@@ -88,7 +95,8 @@ class ProjectionFactorization(Strategy):
         for unit, _ in run.pending(self.name, layer):
             module = run.adapter.projection(layer, unit.projection)
             if self.statistic is not None:
-                tap.watch(self._key(run, layer, unit.projection), module, self.new_statistic())
+                where = "output" if self.reads_output(run, layer, unit.projection) else "input"
+                tap.watch(self._key(run, layer, unit.projection), module, self.new_statistic(), where)
             if run.planning:  # output errors of any factorisation are measured with the input Gram
                 tap.watch(statistic_key(Gram, run.adapter.input_site(layer, unit.projection)), module, Gram())
 

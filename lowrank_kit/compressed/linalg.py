@@ -211,6 +211,37 @@ def whitened_spectrum(weight: torch.Tensor, gram: torch.Tensor,
     return Spectrum(*thin_svd(target @ s_factor), whitening=s_factor, unweight=unweight)
 
 
+def output_whitened_spectrum(weight: torch.Tensor, output_gram: torch.Tensor,
+                              output: tuple[torch.Tensor, torch.Tensor] | None = None) -> Spectrum:
+    """SVD-LLM's factors of a bias-free W with no more rows than columns, from the Gram of its
+    outputs instead of its inputs.
+
+    Y = X Wᵀ, so YᵀY = W XᵀX Wᵀ: the matrix ``whitened_spectrum``'s wide route decomposes,
+    gathered on the narrower side (down_proj reads 1,536 channels and writes 576 on SmolLM2,
+    so its Gram costs a seventh of the products). The factors are the same up to rounding;
+    ``output`` weights them as in ``whitened_spectrum`` (R YᵀY Rᵀ = R W XᵀX Wᵀ Rᵀ).
+
+    Where YᵀY is unresolved (fewer calibration tokens than rows, dead channels), §2's shifted
+    XᵀX + εI still orders the rest, as W (XᵀX + εI) Wᵀ = YᵀY + ε W Wᵀ. Deviation from
+    ``psd_cholesky``'s ε, as XᵀX itself is not gathered: 1e-6 of XᵀX's mean eigenvalue as W
+    weighs it, trace(YᵀY) / trace(W Wᵀ), instead of its mean diagonal, and no −λ_min term
+    (for a Gram that rounding left indefinite it is ~1e-16 of λ₁, far below ε).
+    """
+    weight = weight.to(torch.float64)
+    if weight.shape[0] > weight.shape[1]:
+        raise ValueError(f"a weight with more rows than columns {tuple(weight.shape)} needs its input Gram")
+    target, unweight = (weight, None) if output is None else (output[0] @ weight, output[1])
+    row_gram = output_gram.to(torch.float64)
+    if output is not None:
+        row_gram = output[0] @ row_gram @ output[0].T
+    u, s, vh, unresolved = _left_spectrum(row_gram, target)
+    if unresolved:
+        rows = target @ target.T
+        eps = 1e-6 * row_gram.trace().clamp_min(0) / rows.trace().clamp_min(1e-300)
+        u, s, vh, _ = _left_spectrum(row_gram + eps * rows, target)
+    return Spectrum(u, s, vh, unweight=unweight)
+
+
 def scaled_spectrum(weight: torch.Tensor, scale: torch.Tensor) -> Spectrum:
     """ASVD: the SVD of W diag(s); the scaling is undone on the right factor."""
     scale = scale.to(torch.float64)
