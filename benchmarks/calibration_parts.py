@@ -12,7 +12,8 @@ layer on the dense model:
 - **SVD-LLM factorisation** of the layer's seven projections at the uniform rank of ratio 0.2:
   Cholesky of each input Gram and the SVD of W S for every projection, against
   ``whitened_spectrum`` (no Cholesky factor and no triangular solve for q, k, v, o, down_proj).
-  Both give the same factors; the largest difference of A·B is printed.
+  Both give the same factors; the largest difference of A·B is printed. Then ``whitened_spectrum``
+  of the seven one after the other against ``side_by_side`` (one thread each, on every thread).
 - **input Grams** of the layer's four projection inputs (q/k/v's, o's, gate/up's, down's) over
   the calibration tokens: one product XᵀX per block of tokens against the column blocks on and
   above the diagonal only (``SYMMETRIC_BLOCKS``).
@@ -31,6 +32,7 @@ import contextlib
 import os
 import statistics
 import time
+from functools import partial
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -43,6 +45,7 @@ from lowrank_kit.compressed.linalg import (
     Spectrum,
     output_whitened_spectrum,
     psd_cholesky,
+    side_by_side,
     thin_svd,
     whitened_spectrum,
 )
@@ -98,13 +101,17 @@ def cholesky_route(weights: dict[str, torch.Tensor], grams: dict[str, torch.Tens
             for proj, w in weights.items()}
 
 
-def factorise(weights: dict[str, torch.Tensor], grams: dict[str, torch.Tensor], site: dict[str, str], new: bool,
+def factorise(weights: dict[str, torch.Tensor], grams: dict[str, torch.Tensor], site: dict[str, str], how: str,
               ranks: dict[str, int]) -> tuple[float, dict[str, torch.Tensor]]:
     """Factors at ``ranks`` of every weight, its input Gram found through ``site`` (the adapter's
-    input site: q/k/v share one, gate/up another)."""
+    input site: q/k/v share one, gate/up another): ``how`` is "cholesky", "whitened" (one after
+    the other) or "side by side"."""
     start = time.perf_counter()
-    if new:
+    if how == "whitened":
         spectra = {proj: whitened_spectrum(w, grams[site[proj]]) for proj, w in weights.items()}
+    elif how == "side by side":
+        jobs = [partial(whitened_spectrum, w, grams[site[proj]]) for proj, w in weights.items()]
+        spectra = dict(zip(weights, side_by_side(jobs, torch.device("cpu")), strict=True))
     else:
         spectra = cholesky_route(weights, grams, site)
     products = {proj: spectra[proj].factors(ranks[proj]) for proj in weights}
@@ -126,9 +133,10 @@ def main() -> None:
     layers = [int(x) for x in args.layers.split(",")]
     times: dict[str, list[float]] = {"forward full": [], "forward until filled": [],
                                      "SVD-LLM Cholesky route": [], "SVD-LLM whitened_spectrum": [],
+                                     "SVD-LLM one after the other": [], "SVD-LLM side by side": [],
                                      "Grams, one product": [], "Grams, upper blocks": [],
                                      "down_proj input Gram": [], "down_proj output Gram": []}
-    largest = largest_down = 0.0
+    largest = largest_down = largest_side = 0.0
     depth = 0
     for layer in layers:
         with torch.no_grad():  # move the inputs on to this layer, dense
@@ -163,10 +171,15 @@ def main() -> None:
         for _ in range(args.repeats):
             runs["forward full"].append(statistics_forward(adapter, layer, inputs, early=False))
             runs["forward until filled"].append(statistics_forward(adapter, layer, inputs, early=True))
-            old_s, old = factorise(weights, grams, site, False, ranks)
-            new_s, new = factorise(weights, grams, site, True, ranks)
+            old_s, old = factorise(weights, grams, site, "cholesky", ranks)
+            new_s, new = factorise(weights, grams, site, "whitened", ranks)
             runs["SVD-LLM Cholesky route"].append(old_s)
             runs["SVD-LLM whitened_spectrum"].append(new_s)
+            runs["SVD-LLM one after the other"].append(factorise(weights, grams, site, "whitened", ranks)[0])
+            side_s, side = factorise(weights, grams, site, "side by side", ranks)
+            runs["SVD-LLM side by side"].append(side_s)
+            largest_side = max(largest_side, max(float((side[p] - new[p]).abs().max() / new[p].abs().max())
+                                                 for p in new))
             runs["Grams, one product"].append(input_grams(activations, symmetric=False))
             runs["Grams, upper blocks"].append(input_grams(activations, symmetric=True))
             runs["down_proj input Gram"].append(timed_gram(activations[down]))
@@ -182,11 +195,13 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     for old_key, new_key in (("forward full", "forward until filled"),
                              ("SVD-LLM Cholesky route", "SVD-LLM whitened_spectrum"),
+                             ("SVD-LLM one after the other", "SVD-LLM side by side"),
                              ("Grams, one product", "Grams, upper blocks"),
                              ("down_proj input Gram", "down_proj output Gram")):
         old, new = sum(times[old_key]), sum(times[new_key])
         print(f"| {old_key} → {new_key} | {old:.3f} | {new:.3f} | {new / old:.3f} |")
     print(f"\nlargest difference of A·B between the two routes, relative to its largest entry: {largest:.1e}")
+    print(f"the same between one after the other and side by side: {largest_side:.1e}")
     print(f"the same for down_proj's factors from its input Gram and from its output Gram: {largest_down:.1e}")
 
 

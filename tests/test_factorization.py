@@ -391,3 +391,72 @@ def test_svd_llm_reads_a_wide_projection_at_its_output_with_the_same_result(
             assert ("Gram:layers.0.down_proj_output", "output") in watched
             assert not any(key == "Gram:layers.0.down_proj_input" for key, _ in watched)
     assert torch.allclose(logits[0], logits[1], atol=1e-4 * logits[1].abs().max())
+
+
+def test_side_by_side_runs_jobs_on_one_thread_each_and_keeps_their_order() -> None:
+    import threading
+
+    from lowrank_kit.compressed.linalg import side_by_side
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen: list[tuple[int, str]] = []
+
+        def job(i: int):
+            def run() -> int:
+                seen.append((torch.get_num_threads(), threading.current_thread().name))
+                return i
+            return run
+
+        assert list(side_by_side([job(i) for i in range(5)], torch.device("cpu"))) == list(range(5))
+        assert all(n == 1 and name.startswith("decompose") for n, name in seen)
+        assert torch.get_num_threads() == 2
+        seen.clear()  # a single job, or another device: in this thread, as configured
+        assert list(side_by_side([job(7)], torch.device("cpu"))) == [7]
+        assert list(side_by_side([job(8), job(9)], torch.device("meta"))) == [8, 9]
+        assert seen == [(2, threading.current_thread().name)] * 3
+
+        def fails() -> int:
+            raise ValueError("no factor")
+
+        with pytest.raises(ValueError, match="no factor"):
+            list(side_by_side([job(1), fails], torch.device("cpu")))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("plugin", ["svd", "svd_llm", "asvd"])
+def test_spectra_side_by_side_give_the_model_of_one_after_the_other(
+        tmp_path, monkeypatch: pytest.MonkeyPatch, plugin: str) -> None:
+    from conftest import ByteTokenizer, tiny_recipe
+
+    from lowrank_kit import compress
+    from lowrank_kit.compressed import linalg
+    from lowrank_kit.pipeline import state
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    calls: list[int] = []
+    original = linalg.side_by_side
+
+    def counted(jobs, device):
+        calls.append(len(jobs))
+        return original(jobs, device)
+
+    try:
+        ids = sample_ids(n=2, length=32)
+        logits = []
+        for together in (True, False):
+            monkeypatch.setattr(state, "side_by_side", counted if together else
+                                lambda jobs, device: (job() for job in jobs))
+            model = compress(tiny_recipe(tmp_path / str(together), plugin, 0.3), model=tiny_model("llama"),
+                             tokenizer=ByteTokenizer(), progress=False).model
+            with torch.no_grad():
+                logits.append(model(input_ids=ids).logits)
+        assert calls and max(calls) == 7  # a layer's seven projections at once
+        assert torch.allclose(logits[0], logits[1], atol=1e-4 * logits[1].abs().max())
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)

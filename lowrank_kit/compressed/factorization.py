@@ -6,6 +6,7 @@ lookup in the plan and the module swap live here once.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import partial
 from typing import TYPE_CHECKING, ClassVar
 
@@ -109,15 +110,20 @@ class ProjectionFactorization(Strategy):
         (e.g. an output Fisher) overrides this instead."""
         return self.spectrum(weight, stat)
 
-    def _spectrum(self, run: RunState, layer: int, unit: Unit) -> Spectrum:
-        dense = run.adapter.projection(layer, unit.projection)
-        stat_key = self._key(run, layer, unit.projection) if self.statistic is not None else None
-        stat = run.stat(stat_key) if stat_key is not None else None
-        # The same weight and statistic give the same spectrum at every rank: a bench computes
-        # it once for all ratios and for every recipe using this transform with these arguments.
-        return run.dense_result(f"spectrum|{self.name}|{to_dict(self.args)}|{unit.name}|{stat_key}",
-                                partial(self.unit_spectrum, run, unit, dense.weight.detach(), stat),
-                                reads_statistics=stat is not None)
+    def _spectra(self, run: RunState, layer: int, units: list[Unit]) -> Iterator[Spectrum]:
+        """Each unit's spectrum, in order, computed side by side (``RunState.dense_results``)."""
+        jobs = []
+        for unit in units:
+            dense = run.adapter.projection(layer, unit.projection)
+            stat_key = self._key(run, layer, unit.projection) if self.statistic is not None else None
+            stat = run.stat(stat_key) if stat_key is not None else None
+            if isinstance(stat, Gram):
+                stat.matrix  # noqa: B018 -- made whole here, once, not by two workers at once
+            # The same weight and statistic give the same spectrum at every rank: a bench computes
+            # it once for all ratios and for every recipe using this transform with these arguments.
+            jobs.append((f"spectrum|{self.name}|{to_dict(self.args)}|{unit.name}|{stat_key}",
+                         partial(self.unit_spectrum, run, unit, dense.weight.detach(), stat)))
+        return run.dense_results(jobs, reads_statistics=self.statistic is not None)
 
     @hookimpl
     def lowrank_error_curves(self, run: RunState, layer: int) -> list[ErrorCurve]:
@@ -131,9 +137,9 @@ class ProjectionFactorization(Strategy):
         the tail of the curve is exact to that level, far below any error that decides a rank.
         """
         curves = []
-        for unit in run.units_of(self.name, layer):
+        units = run.units_of(self.name, layer)
+        for unit, spectrum in zip(units, self._spectra(run, layer, units), strict=True):
             gram = run.stat(statistic_key(Gram, run.adapter.input_site(layer, unit.projection))).matrix
-            spectrum = self._spectrum(run, layer, unit)
             a, b = spectrum.factors(unit.max_rank, weighted=True)
             left = a.pow(2).sum(0)
             dropped = left * ((b @ gram.to(b.dtype)) * b).sum(1)
@@ -145,9 +151,11 @@ class ProjectionFactorization(Strategy):
 
     @hookimpl
     def lowrank_transform(self, run: RunState, layer: int) -> None:
-        for unit, rank in run.pending(self.name, layer):
+        pending = run.pending(self.name, layer)
+        spectra = self._spectra(run, layer, [unit for unit, _ in pending])
+        for (unit, rank), spectrum in zip(pending, spectra, strict=True):
             dense = run.adapter.projection(layer, unit.projection)
-            a, b = self._spectrum(run, layer, unit).factors(rank)
+            a, b = spectrum.factors(rank)
             bias = dense.bias.detach() if dense.bias is not None else None
             module = LowRankLinear.from_factors(a.to(dense.weight.dtype), b.to(dense.weight.dtype), bias)
             run.adapter.replace(layer, unit.projection, module.to(dense.weight.device))

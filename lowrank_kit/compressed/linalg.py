@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import threading
 import weakref
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from lowrank_kit.compressed.modules import one_thread_below
 
 Pair = tuple[torch.Tensor, torch.Tensor]
+T = TypeVar("T")
 
 # eigh of a float64 n×n matrix on this 2-core CPU (torch 2.13, MKL) under OMP_WAIT_POLICY=PASSIVE,
 # two threads vs one: n = 192: 18.5 vs 1.6 ms; 576: 79 vs 24 ms; 1024: 212 vs 143 ms; 1536: 466
@@ -23,6 +28,32 @@ def symmetric_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.linalg.eigh`` (ascending), on one thread where that is faster (``EIGH_ONE_THREAD_DIM``)."""
     with one_thread_below(matrix.shape[-1], EIGH_ONE_THREAD_DIM + 1, matrix.device):
         return torch.linalg.eigh(matrix)
+
+
+def side_by_side(jobs: Sequence[Callable[[], T]], device: torch.device) -> Iterator[T]:
+    """The results of independent decompositions (one layer's projections), in order, computed
+    on the CPU's threads at once, one thread each.
+
+    LAPACK's eigh of these sizes gains nothing from a second thread (``EIGH_ONE_THREAD_DIM``),
+    so one layer's eigendecompositions one after the other leave a core idle; side by side
+    they use both (benchmarks/calibration_parts.py times the two). Every job runs on one
+    thread, so its result does not depend on which worker ran it, but a product's rounding
+    can differ from the same product on two threads. One job, one thread configured, or
+    another device: one after the other, as configured. The thread count is put back."""
+    threads = torch.get_num_threads()
+    if len(jobs) < 2 or threads < 2 or device.type != "cpu" or torch.compiler.is_compiling():
+        yield from (job() for job in jobs)
+        return
+
+    def on_one_thread(job: Callable[[], T]) -> T:
+        torch.set_num_threads(1)
+        return job()
+
+    try:
+        with ThreadPoolExecutor(min(threads, len(jobs)), thread_name_prefix="decompose") as pool:
+            yield from pool.map(on_one_thread, jobs)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def factors_from_svd(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int) -> Pair:
@@ -135,17 +166,19 @@ def psd_cholesky(gram: torch.Tensor) -> torch.Tensor:
 # Gram changed in place is factorised again. (Not a WeakKeyDictionary: it compares keys with ==,
 # which a tensor answers element-wise.)
 _WHITENINGS: dict[int, tuple[weakref.ref[torch.Tensor], int, torch.Tensor]] = {}
+_WHITENING_LOCK = threading.Lock()  # gate/up factorised side by side (``side_by_side``) wait for one factor
 
 
 def shared_whitening(gram: torch.Tensor) -> torch.Tensor:
     """``psd_cholesky(gram)``, computed once for every consumer of the same Gram tensor."""
     key = id(gram)
-    cached = _WHITENINGS.get(key)
-    if cached is not None and cached[0]() is gram and cached[1] == gram._version:
-        return cached[2]
-    factor = psd_cholesky(gram)
-    _WHITENINGS[key] = (weakref.ref(gram, lambda _: _WHITENINGS.pop(key, None)), gram._version, factor)
-    return factor
+    with _WHITENING_LOCK:
+        cached = _WHITENINGS.get(key)
+        if cached is not None and cached[0]() is gram and cached[1] == gram._version:
+            return cached[2]
+        factor = psd_cholesky(gram)
+        _WHITENINGS[key] = (weakref.ref(gram, lambda _: _WHITENINGS.pop(key, None)), gram._version, factor)
+        return factor
 
 
 def output_weighting(fisher: torch.Tensor, damping: float, blocks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

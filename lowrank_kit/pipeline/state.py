@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -12,6 +12,7 @@ from lightning.fabric import Fabric
 from transformers import PreTrainedModel
 
 from lowrank_kit.calibration.stats import Statistic
+from lowrank_kit.compressed.linalg import side_by_side
 from lowrank_kit.compressed.plan import ErrorCurve, RankPlan, Unit
 from lowrank_kit.models.adapters import Geometry, ModelAdapter
 from lowrank_kit.models.offload import Offloader
@@ -72,13 +73,22 @@ class RunState:
         model and data. Only results of dense inputs are shared: the weights being transformed
         are always dense, statistics only under the dense-input pass.
         """
-        if self.store is None or (reads_statistics and not self.dense_statistics):
-            return compute()
-        value = self.store.get(self.store_base, key)
-        if value is None:
-            value = compute()
-            self.store.put(self.store_base, key, value)
-        return value
+        return next(self.dense_results([(key, compute)], reads_statistics))
+
+    def dense_results(self, jobs: Sequence[tuple[str, Callable[[], T]]], reads_statistics: bool) -> Iterator[T]:
+        """``dense_result`` of each (key, compute), in order; those not stored are computed side
+        by side on the CPU's threads (``side_by_side``: one layer's decompositions)."""
+        shared = self.store is not None and not (reads_statistics and not self.dense_statistics)
+        found = [self.store.get(self.store_base, key) if self.store is not None and shared else None
+                 for key, _ in jobs]
+        computed = side_by_side([compute for (_, compute), value in zip(jobs, found, strict=True) if value is None],
+                                self.fabric.device)
+        for (key, _), value in zip(jobs, found, strict=True):
+            if value is None:
+                value = next(computed)
+                if self.store is not None and shared:
+                    self.store.put(self.store_base, key, value)
+            yield value
 
     def units_of(self, transform: str, layer: int) -> list[Unit]:
         return [u for u in self.units if u.transform == transform and u.layer == layer]
