@@ -13,7 +13,8 @@ layer on the dense model:
   Cholesky of each input Gram and the SVD of W S for every projection, against
   ``whitened_spectrum`` (no Cholesky factor and no triangular solve for q, k, v, o, down_proj).
   Both give the same factors; the largest difference of A·B is printed. Then ``whitened_spectrum``
-  of the seven one after the other against ``side_by_side`` (one thread each, on every thread).
+  of the seven as svd_llm computes them now (down_proj from its output Gram) one after the other
+  against ``side_by_side`` (one thread each, on every thread).
 - **input Grams** of the layer's four projection inputs (q/k/v's, o's, gate/up's, down's) over
   the calibration tokens: one product XᵀX per block of tokens against the column blocks on and
   above the diagonal only (``SYMMETRIC_BLOCKS``).
@@ -101,17 +102,26 @@ def cholesky_route(weights: dict[str, torch.Tensor], grams: dict[str, torch.Tens
             for proj, w in weights.items()}
 
 
+def engine_job(proj: str, weight: torch.Tensor, grams: dict[str, torch.Tensor], site: dict[str, str],
+               down_output: torch.Tensor) -> partial[Spectrum]:
+    """The spectrum as svd_llm computes it now: down_proj from its output Gram."""
+    if proj == "down_proj":
+        return partial(output_whitened_spectrum, weight, down_output)
+    return partial(whitened_spectrum, weight, grams[site[proj]])
+
+
 def factorise(weights: dict[str, torch.Tensor], grams: dict[str, torch.Tensor], site: dict[str, str], how: str,
-              ranks: dict[str, int]) -> tuple[float, dict[str, torch.Tensor]]:
+              ranks: dict[str, int], down_output: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
     """Factors at ``ranks`` of every weight, its input Gram found through ``site`` (the adapter's
-    input site: q/k/v share one, gate/up another): ``how`` is "cholesky", "whitened" (one after
-    the other) or "side by side"."""
+    input site: q/k/v share one, gate/up another): ``how`` is "cholesky", "whitened", or svd_llm's
+    routes now (down_proj from its output Gram) "one after the other" or "side by side"."""
     start = time.perf_counter()
     if how == "whitened":
         spectra = {proj: whitened_spectrum(w, grams[site[proj]]) for proj, w in weights.items()}
-    elif how == "side by side":
-        jobs = [partial(whitened_spectrum, w, grams[site[proj]]) for proj, w in weights.items()]
-        spectra = dict(zip(weights, side_by_side(jobs, torch.device("cpu")), strict=True))
+    elif how in ("one after the other", "side by side"):
+        jobs = [engine_job(proj, w, grams, site, down_output) for proj, w in weights.items()]
+        together = side_by_side(jobs, torch.device("cpu"), max(max(w.shape) for w in weights.values()))
+        spectra = dict(zip(weights, together if how == "side by side" else (job() for job in jobs), strict=True))
     else:
         spectra = cholesky_route(weights, grams, site)
     products = {proj: spectra[proj].factors(ranks[proj]) for proj in weights}
@@ -165,21 +175,23 @@ def main() -> None:
         ranks = {proj: int(0.8 * w.shape[0] * w.shape[1] / sum(w.shape)) for proj, w in weights.items()}
         down = site["down_proj"]
         a, b = whitened_spectrum(weights["down_proj"], grams[down]).factors(ranks["down_proj"])
-        oa, ob = output_whitened_spectrum(weights["down_proj"], gram_of(down_outputs)).factors(ranks["down_proj"])
+        down_output = gram_of(down_outputs)
+        oa, ob = output_whitened_spectrum(weights["down_proj"], down_output).factors(ranks["down_proj"])
         largest_down = max(largest_down, float((a @ b - oa @ ob).abs().max() / (a @ b).abs().max()))
         runs: dict[str, list[float]] = {key: [] for key in times}
         for _ in range(args.repeats):
             runs["forward full"].append(statistics_forward(adapter, layer, inputs, early=False))
             runs["forward until filled"].append(statistics_forward(adapter, layer, inputs, early=True))
-            old_s, old = factorise(weights, grams, site, "cholesky", ranks)
-            new_s, new = factorise(weights, grams, site, "whitened", ranks)
+            old_s, old = factorise(weights, grams, site, "cholesky", ranks, down_output)
+            new_s, new = factorise(weights, grams, site, "whitened", ranks, down_output)
             runs["SVD-LLM Cholesky route"].append(old_s)
             runs["SVD-LLM whitened_spectrum"].append(new_s)
-            runs["SVD-LLM one after the other"].append(factorise(weights, grams, site, "whitened", ranks)[0])
-            side_s, side = factorise(weights, grams, site, "side by side", ranks)
+            one_s, one = factorise(weights, grams, site, "one after the other", ranks, down_output)
+            side_s, side = factorise(weights, grams, site, "side by side", ranks, down_output)
+            runs["SVD-LLM one after the other"].append(one_s)
             runs["SVD-LLM side by side"].append(side_s)
-            largest_side = max(largest_side, max(float((side[p] - new[p]).abs().max() / new[p].abs().max())
-                                                 for p in new))
+            largest_side = max(largest_side, max(float((side[p] - one[p]).abs().max() / one[p].abs().max())
+                                                 for p in one))
             runs["Grams, one product"].append(input_grams(activations, symmetric=False))
             runs["Grams, upper blocks"].append(input_grams(activations, symmetric=True))
             runs["down_proj input Gram"].append(timed_gram(activations[down]))

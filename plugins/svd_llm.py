@@ -2,9 +2,10 @@
 
 Truncating W S (S S^T = X^T X) loses exactly the squared dropped singular values in output
 error on the calibration inputs. Works on GQA models: k/v shapes come from the adapter.
-A bias-free projection with fewer outputs than inputs (down_proj) is read at its output: the
-Gram Y^T Y = W X^T X W^T is all its factors need, and it is the narrower one (deviation from
-§2's per-layer X^T X in what is gathered, not in the factors; ``output_whitened_spectrum``).
+A bias-free projection with fewer outputs than inputs and an input of its own (down_proj) is
+read at its output: the Gram Y^T Y = W X^T X W^T is all its factors need, and it is the narrower
+one (deviation from §2's per-layer X^T X in what is gathered; the factors differ only by the
+rounding of Y; ``output_whitened_spectrum``).
 
 ``output_fisher: λ`` (an option, our extension; null keeps SVD-LLM) also weights the output
 side: the SVD is of R W S, with R² the projection's output Fisher Σ gᵀg (loss gradients at its
@@ -71,9 +72,13 @@ class SvdLlm(ProjectionFactorization):
 
     def reads_output(self, run: RunState, layer: int, projection: str) -> bool:
         """A bias-free projection with fewer outputs than inputs (down_proj) is factorised from the
-        Gram of its outputs, W XᵀX Wᵀ, narrower than its input's (``output_whitened_spectrum``)."""
+        Gram of its outputs, W XᵀX Wᵀ, narrower than its input's (``output_whitened_spectrum``),
+        unless another of our targets reads the same input (k/v beside q): that Gram is gathered
+        anyway."""
         rows, cols = run.geometry.dense_shape(projection)
-        return rows < cols and run.adapter.projection(layer, projection).bias is None
+        site = run.adapter.input_site(layer, projection)
+        shared = any(run.adapter.input_site(layer, other) == site for other in self.targets if other != projection)
+        return rows < cols and not shared and run.adapter.projection(layer, projection).bias is None
 
     def unit_spectrum(self, run: RunState, unit: Unit, weight: torch.Tensor, stat: Statistic | None) -> Spectrum:
         weighting = (None if self.args.output_fisher is None

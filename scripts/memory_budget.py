@@ -56,7 +56,8 @@ def statistics_per_layer(c: Config) -> dict[str, float]:
     head_gram = c.kv_heads * c.head_dim**2 * 8  # value states per KV head
     return {
         "flat_llm (v/o head Grams + MLP covariance)": head_gram + gram_int,
-        "svd_llm (Grams of q/k/v, o, gate/up, down inputs)": 3 * gram_d + gram_int,
+        # down_proj is read at its (hidden-size) output: its factors need only W XᵀX Wᵀ
+        "svd_llm (Grams of q/k/v, o, gate/up inputs and down's output)": 4 * gram_d,
     }
 
 

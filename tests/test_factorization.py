@@ -130,16 +130,20 @@ def test_factors_from_the_output_gram_equal_those_from_the_input_gram(output: bo
         output_whitened_spectrum(weight.T, x.T @ x)
 
 
-def test_factors_from_a_singular_output_gram_take_the_shift() -> None:
-    """Fewer tokens than rows: YᵀY is singular, and the shifted W (XᵀX + εI) Wᵀ orders the
-    directions the data never reached, as SVD-LLM's shifted Cholesky route does."""
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_factors_from_a_singular_output_gram_take_the_shift(dtype: torch.dtype) -> None:
+    """Fewer tokens than rows: YᵀY is singular (and indefinite by its rounding, from float32
+    outputs), and the shifted W (XᵀX + λI) Wᵀ orders the directions the data never reached, as
+    SVD-LLM's shifted Cholesky route does."""
     torch.manual_seed(0)
     weight = torch.randn(8, 16, dtype=torch.float64)
     x = torch.randn(5, 16, dtype=torch.float64)
     y = x @ weight.T
-    spectrum = output_whitened_spectrum(weight, y.T @ y)
+    low = y.to(dtype)
+    spectrum = output_whitened_spectrum(weight, (low.T @ low).double())
     reference = whitened_spectrum(weight, x.T @ x)
-    for rank in (5, 6):
+    # past the data's span (rank 5) the order follows the shift only where rounding is below it
+    for rank in (5, 6) if dtype == torch.float64 else (5,):
         a, b = spectrum.factors(rank)
         assert torch.isfinite(a).all() and torch.isfinite(b).all()
         ra, rb = reference.factors(rank)
@@ -360,11 +364,13 @@ def test_padded_rows_add_no_guard_on_the_sequence_length() -> None:
     assert counter.frame_count == 1
 
 
-@pytest.mark.parametrize("output_fisher", [None, 0.01], ids=["plain", "fisher-weighted"])
+@pytest.mark.parametrize(("family", "output_fisher"), [("llama", None), ("llama", 0.01), ("qwen2", None)],
+                         ids=["plain", "fisher-weighted", "qwen2"])
 def test_svd_llm_reads_a_wide_projection_at_its_output_with_the_same_result(
-        tmp_path, monkeypatch: pytest.MonkeyPatch, output_fisher: float | None) -> None:
+        tmp_path, monkeypatch: pytest.MonkeyPatch, family: str, output_fisher: float | None) -> None:
     """The engine gathers down_proj's (narrower) output Gram for svd_llm, and the compressed
-    model matches the one factorised from its input Gram."""
+    model matches the one factorised from its input Gram; k/v (narrower too, and biased on
+    Qwen2) read the input Gram q needs anyway."""
     from conftest import ByteTokenizer, tiny_recipe
 
     from lowrank_kit import compress
@@ -384,22 +390,27 @@ def test_svd_llm_reads_a_wide_projection_at_its_output_with_the_same_result(
             monkeypatch.setattr(SvdLlm, "reads_output", lambda self, run, layer, projection: False)
         recipe = tiny_recipe(tmp_path / str(reads_output), "svd_llm", 0.3,
                              transform=[{"plugin": "svd_llm", "output_fisher": output_fisher}])
-        model = compress(recipe, model=tiny_model("llama"), tokenizer=ByteTokenizer(), progress=False).model
+        model = compress(recipe, model=tiny_model(family), tokenizer=ByteTokenizer(), progress=False).model
         with torch.no_grad():
             logits.append(model(input_ids=ids).logits)
         if reads_output:
             assert ("Gram:layers.0.down_proj_output", "output") in watched
             assert not any(key == "Gram:layers.0.down_proj_input" for key, _ in watched)
+            assert [key for key, where in watched if where == "output" and key.startswith("Gram:layers.0.")] == [
+                "Gram:layers.0.down_proj_output"]
     assert torch.allclose(logits[0], logits[1], atol=1e-4 * logits[1].abs().max())
 
 
-def test_side_by_side_runs_jobs_on_one_thread_each_and_keeps_their_order() -> None:
+def test_side_by_side_runs_jobs_on_one_thread_each_and_keeps_their_order(monkeypatch: pytest.MonkeyPatch) -> None:
     import threading
 
-    from lowrank_kit.compressed.linalg import side_by_side
+    from lowrank_kit.compressed import modules
+    from lowrank_kit.compressed.linalg import EIGH_ONE_THREAD_DIM, side_by_side
 
+    monkeypatch.setattr(modules, "THREADS_SLEEP", True)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
+    cpu = torch.device("cpu")
     try:
         seen: list[tuple[int, str]] = []
 
@@ -409,19 +420,27 @@ def test_side_by_side_runs_jobs_on_one_thread_each_and_keeps_their_order() -> No
                 return i
             return run
 
-        assert list(side_by_side([job(i) for i in range(5)], torch.device("cpu"))) == list(range(5))
+        assert list(side_by_side([job(i) for i in range(5)], cpu, 576)) == list(range(5))
         assert all(n == 1 and name.startswith("decompose") for n, name in seen)
-        assert torch.get_num_threads() == 2
-        seen.clear()  # a single job, or another device: in this thread, as configured
-        assert list(side_by_side([job(7)], torch.device("cpu"))) == [7]
-        assert list(side_by_side([job(8), job(9)], torch.device("meta"))) == [8, 9]
-        assert seen == [(2, threading.current_thread().name)] * 3
+        fresh: list[int] = []  # the process-wide setting is put back too, as a new thread sees it
+        thread = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert torch.get_num_threads() == 2 and fresh == [2]
+        seen.clear()  # one job, another device, larger matrices, or spinning threads: here, as configured
+        assert list(side_by_side([job(7)], cpu, 576)) == [7]
+        assert list(side_by_side([job(8), job(9)], torch.device("meta"), 576)) == [8, 9]
+        assert list(side_by_side([job(10), job(11)], cpu, EIGH_ONE_THREAD_DIM + 1)) == [10, 11]
+        monkeypatch.setattr(modules, "THREADS_SLEEP", False)
+        assert list(side_by_side([job(12), job(13)], cpu, 576)) == [12, 13]
+        assert seen == [(2, threading.current_thread().name)] * 7
+        monkeypatch.setattr(modules, "THREADS_SLEEP", True)
 
         def fails() -> int:
             raise ValueError("no factor")
 
         with pytest.raises(ValueError, match="no factor"):
-            list(side_by_side([job(1), fails], torch.device("cpu")))
+            list(side_by_side([job(1), fails], cpu, 576))
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
@@ -433,24 +452,25 @@ def test_spectra_side_by_side_give_the_model_of_one_after_the_other(
     from conftest import ByteTokenizer, tiny_recipe
 
     from lowrank_kit import compress
-    from lowrank_kit.compressed import linalg
+    from lowrank_kit.compressed import linalg, modules
     from lowrank_kit.pipeline import state
 
+    monkeypatch.setattr(modules, "THREADS_SLEEP", True)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     calls: list[int] = []
     original = linalg.side_by_side
 
-    def counted(jobs, device):
+    def counted(jobs, device, largest_dim):
         calls.append(len(jobs))
-        return original(jobs, device)
+        return original(jobs, device, largest_dim)
 
     try:
         ids = sample_ids(n=2, length=32)
         logits = []
         for together in (True, False):
             monkeypatch.setattr(state, "side_by_side", counted if together else
-                                lambda jobs, device: (job() for job in jobs))
+                                lambda jobs, device, largest_dim: (job() for job in jobs))
             model = compress(tiny_recipe(tmp_path / str(together), plugin, 0.3), model=tiny_model("llama"),
                              tokenizer=ByteTokenizer(), progress=False).model
             with torch.no_grad():

@@ -6,6 +6,7 @@ lookup in the plan and the module swap live here once.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from functools import partial
 from typing import TYPE_CHECKING, ClassVar
@@ -110,8 +111,9 @@ class ProjectionFactorization(Strategy):
         (e.g. an output Fisher) overrides this instead."""
         return self.spectrum(weight, stat)
 
-    def _spectra(self, run: RunState, layer: int, units: list[Unit]) -> Iterator[Spectrum]:
-        """Each unit's spectrum, in order, computed side by side (``RunState.dense_results``)."""
+    def _spectra(self, run: RunState, layer: int, units: list[Unit]) -> contextlib.closing[Iterator[Spectrum]]:
+        """Each unit's spectrum, in order, computed side by side (``RunState.dense_results``); a
+        context manager, so workers stop if the caller fails half-way."""
         jobs = []
         for unit in units:
             dense = run.adapter.projection(layer, unit.projection)
@@ -123,7 +125,8 @@ class ProjectionFactorization(Strategy):
             # it once for all ratios and for every recipe using this transform with these arguments.
             jobs.append((f"spectrum|{self.name}|{to_dict(self.args)}|{unit.name}|{stat_key}",
                          partial(self.unit_spectrum, run, unit, dense.weight.detach(), stat)))
-        return run.dense_results(jobs, reads_statistics=self.statistic is not None)
+        largest = max((max(run.geometry.dense_shape(unit.projection)) for unit in units), default=0)
+        return contextlib.closing(run.dense_results(jobs, self.statistic is not None, largest))
 
     @hookimpl
     def lowrank_error_curves(self, run: RunState, layer: int) -> list[ErrorCurve]:
@@ -138,24 +141,28 @@ class ProjectionFactorization(Strategy):
         """
         curves = []
         units = run.units_of(self.name, layer)
-        for unit, spectrum in zip(units, self._spectra(run, layer, units), strict=True):
-            gram = run.stat(statistic_key(Gram, run.adapter.input_site(layer, unit.projection))).matrix
-            a, b = spectrum.factors(unit.max_rank, weighted=True)
-            left = a.pow(2).sum(0)
-            dropped = left * ((b @ gram.to(b.dtype)) * b).sum(1)
-            # Under an output weighting the error is in its metric and the unweighted aᵢ are not
-            # orthogonal, so no exact weight error comes with it.
-            weight = (left * b.pow(2).sum(1)).tolist() if spectrum.unweight is None else None
-            curves.append(ErrorCurve.from_tail(unit.name, unit.projection, dropped.tolist(), weight))
+        with self._spectra(run, layer, units) as spectra:
+            for unit, spectrum in zip(units, spectra, strict=True):
+                curves.append(self._error_curve(run, layer, unit, spectrum))
         return curves
+
+    def _error_curve(self, run: RunState, layer: int, unit: Unit, spectrum: Spectrum) -> ErrorCurve:
+        gram = run.stat(statistic_key(Gram, run.adapter.input_site(layer, unit.projection))).matrix
+        a, b = spectrum.factors(unit.max_rank, weighted=True)
+        left = a.pow(2).sum(0)
+        dropped = left * ((b @ gram.to(b.dtype)) * b).sum(1)
+        # Under an output weighting the error is in its metric and the unweighted aᵢ are not
+        # orthogonal, so no exact weight error comes with it.
+        weight = (left * b.pow(2).sum(1)).tolist() if spectrum.unweight is None else None
+        return ErrorCurve.from_tail(unit.name, unit.projection, dropped.tolist(), weight)
 
     @hookimpl
     def lowrank_transform(self, run: RunState, layer: int) -> None:
         pending = run.pending(self.name, layer)
-        spectra = self._spectra(run, layer, [unit for unit, _ in pending])
-        for (unit, rank), spectrum in zip(pending, spectra, strict=True):
-            dense = run.adapter.projection(layer, unit.projection)
-            a, b = spectrum.factors(rank)
-            bias = dense.bias.detach() if dense.bias is not None else None
-            module = LowRankLinear.from_factors(a.to(dense.weight.dtype), b.to(dense.weight.dtype), bias)
-            run.adapter.replace(layer, unit.projection, module.to(dense.weight.device))
+        with self._spectra(run, layer, [unit for unit, _ in pending]) as spectra:
+            for (unit, rank), spectrum in zip(pending, spectra, strict=True):
+                dense = run.adapter.projection(layer, unit.projection)
+                a, b = spectrum.factors(rank)
+                bias = dense.bias.detach() if dense.bias is not None else None
+                module = LowRankLinear.from_factors(a.to(dense.weight.dtype), b.to(dense.weight.dtype), bias)
+                run.adapter.replace(layer, unit.projection, module.to(dense.weight.device))

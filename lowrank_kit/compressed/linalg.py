@@ -11,6 +11,7 @@ from typing import TypeVar
 
 import torch
 
+from lowrank_kit.compressed import modules
 from lowrank_kit.compressed.modules import one_thread_below
 
 Pair = tuple[torch.Tensor, torch.Tensor]
@@ -30,22 +31,24 @@ def symmetric_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.linalg.eigh(matrix)
 
 
-def side_by_side(jobs: Sequence[Callable[[], T]], device: torch.device) -> Iterator[T]:
+def side_by_side(jobs: Sequence[Callable[[], T]], device: torch.device, largest_dim: int) -> Iterator[T]:
     """The results of independent decompositions (one layer's projections), in order, computed
-    on the CPU's threads at once, one thread each.
+    on the CPU's threads at once, one thread each, where ``symmetric_eigh`` would run each on one
+    thread anyway (sleeping threads, matrices no larger than ``EIGH_ONE_THREAD_DIM``).
 
-    LAPACK's eigh of these sizes gains nothing from a second thread (``EIGH_ONE_THREAD_DIM``),
-    so one layer's eigendecompositions one after the other leave a core idle; side by side
-    they use both (benchmarks/calibration_parts.py times the two). Every job runs on one
-    thread, so its result does not depend on which worker ran it, but a product's rounding
-    can differ from the same product on two threads. One job, one thread configured, or
-    another device: one after the other, as configured. The thread count is put back."""
+    There, one layer's eigendecompositions one after the other leave the other cores idle; side
+    by side they use them (benchmarks/calibration_parts.py times the two). Every job runs on
+    one thread, so its result does not depend on which worker ran it. Elsewhere (threads that
+    spin, larger matrices, another device, one job or one thread): one after the other, as
+    configured. The thread count is put back; close the iterator if you stop early."""
     threads = torch.get_num_threads()
-    if len(jobs) < 2 or threads < 2 or device.type != "cpu" or torch.compiler.is_compiling():
+    if (len(jobs) < 2 or threads < 2 or device.type != "cpu" or not modules.THREADS_SLEEP
+            or largest_dim > EIGH_ONE_THREAD_DIM):
         yield from (job() for job in jobs)
         return
 
     def on_one_thread(job: Callable[[], T]) -> T:
+        torch.get_num_threads()  # torch's per-thread state first, so the setting below is the last word
         torch.set_num_threads(1)
         return job()
 
@@ -251,14 +254,17 @@ def output_whitened_spectrum(weight: torch.Tensor, output_gram: torch.Tensor,
 
     Y = X Wᵀ, so YᵀY = W XᵀX Wᵀ: the matrix ``whitened_spectrum``'s wide route decomposes,
     gathered on the narrower side (down_proj reads 1,536 channels and writes 576 on SmolLM2,
-    so its Gram costs a seventh of the products). The factors are the same up to rounding;
-    ``output`` weights them as in ``whitened_spectrum`` (R YᵀY Rᵀ = R W XᵀX Wᵀ Rᵀ).
+    so its Gram costs a seventh of the products). The factors are the same but for the
+    rounding of Y to the forward's precision (float32 on SmolLM2's down_proj: A·B within 7.3e-6
+    of its largest entry, benchmarks/calibration_parts.py); ``output`` weights them as in
+    ``whitened_spectrum`` (R YᵀY Rᵀ = R W XᵀX Wᵀ Rᵀ).
 
-    Where YᵀY is unresolved (fewer calibration tokens than rows, dead channels), §2's shifted
-    XᵀX + εI still orders the rest, as W (XᵀX + εI) Wᵀ = YᵀY + ε W Wᵀ. Deviation from
-    ``psd_cholesky``'s ε, as XᵀX itself is not gathered: 1e-6 of XᵀX's mean eigenvalue as W
-    weighs it, trace(YᵀY) / trace(W Wᵀ), instead of its mean diagonal, and no −λ_min term
-    (for a Gram that rounding left indefinite it is ~1e-16 of λ₁, far below ε).
+    Where YᵀY is unresolved (fewer calibration tokens than rows, dead channels), §2's shift of
+    XᵀX by (−λ_min + ε)·I still orders the rest, as W (XᵀX + λI) Wᵀ = YᵀY + λ W Wᵀ. Deviation
+    from ``psd_cholesky``, as XᵀX itself is not gathered: ε is 1e-6 of XᵀX's mean eigenvalue
+    as W weighs it, trace(YᵀY) / trace(W Wᵀ), instead of its mean diagonal, and −λ_min is what
+    lifts YᵀY's most negative rounding (−λ_min(YᵀY) / λ_min(W Wᵀ)), so YᵀY + λ W Wᵀ is
+    positive definite wherever W Wᵀ is, as XᵀX + λI is.
     """
     weight = weight.to(torch.float64)
     if weight.shape[0] > weight.shape[1]:
@@ -270,8 +276,10 @@ def output_whitened_spectrum(weight: torch.Tensor, output_gram: torch.Tensor,
     u, s, vh, unresolved = _left_spectrum(row_gram, target)
     if unresolved:
         rows = target @ target.T
-        eps = 1e-6 * row_gram.trace().clamp_min(0) / rows.trace().clamp_min(1e-300)
-        u, s, vh, _ = _left_spectrum(row_gram + eps * rows, target)
+        smallest = symmetric_eigh(rows)[0][0].clamp_min(float(rows.trace()) * torch.finfo(rows.dtype).eps)
+        eps = 1e-6 * (row_gram.trace() / rows.trace().clamp_min(1e-300)).clamp_min(1e-12)
+        shift = (-symmetric_eigh(row_gram)[0][0]).clamp_min(0) / smallest.clamp_min(1e-300) + eps
+        u, s, vh, _ = _left_spectrum(row_gram + shift * rows, target)
     return Spectrum(u, s, vh, unweight=unweight)
 
 

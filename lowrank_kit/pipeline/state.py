@@ -73,22 +73,27 @@ class RunState:
         model and data. Only results of dense inputs are shared: the weights being transformed
         are always dense, statistics only under the dense-input pass.
         """
-        return next(self.dense_results([(key, compute)], reads_statistics))
+        with contextlib.closing(self.dense_results([(key, compute)], reads_statistics, 0)) as results:
+            return next(results)
 
-    def dense_results(self, jobs: Sequence[tuple[str, Callable[[], T]]], reads_statistics: bool) -> Iterator[T]:
+    def dense_results(self, jobs: Sequence[tuple[str, Callable[[], T]]], reads_statistics: bool,
+                      largest_dim: int) -> Iterator[T]:
         """``dense_result`` of each (key, compute), in order; those not stored are computed side
-        by side on the CPU's threads (``side_by_side``: one layer's decompositions)."""
-        shared = self.store is not None and not (reads_statistics and not self.dense_statistics)
-        found = [self.store.get(self.store_base, key) if self.store is not None and shared else None
-                 for key, _ in jobs]
-        computed = side_by_side([compute for (_, compute), value in zip(jobs, found, strict=True) if value is None],
-                                self.fabric.device)
-        for (key, _), value in zip(jobs, found, strict=True):
-            if value is None:
-                value = next(computed)
-                if self.store is not None and shared:
-                    self.store.put(self.store_base, key, value)
-            yield value
+        by side on the CPU's threads (``side_by_side``: one layer's decompositions of matrices
+        no larger than ``largest_dim``). Close the iterator if you stop early."""
+        store = self.store if not (reads_statistics and not self.dense_statistics) else None
+        found = [store.get(self.store_base, key) if store is not None else None for key, _ in jobs]
+        missing = [compute for (_, compute), value in zip(jobs, found, strict=True) if value is None]
+        computed = side_by_side(missing, self.fabric.device, largest_dim)
+        try:
+            for (key, _), value in zip(jobs, found, strict=True):
+                if value is None:
+                    value = next(computed)
+                    if store is not None:
+                        store.put(self.store_base, key, value)
+                yield value
+        finally:
+            computed.close()  # workers stop and the thread count is put back now, not at garbage collection
 
     def units_of(self, transform: str, layer: int) -> list[Unit]:
         return [u for u in self.units if u.transform == transform and u.layer == layer]
