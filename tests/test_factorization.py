@@ -11,10 +11,12 @@ from lowrank_kit_plugins.svd_llm import SvdLlm
 
 from lowrank_kit.calibration.stats import Gram, Tap
 from lowrank_kit.compressed.linalg import (
+    lower_triangular_product,
     output_weighting,
     output_whitened_spectrum,
     scaled_spectrum,
     svd_spectrum,
+    symmetric_product,
     whitened_spectrum,
 )
 from lowrank_kit.compressed.modules import LowRankLinear
@@ -36,6 +38,39 @@ def test_whitened_truncation_error_equals_dropped_singular_values(shape: tuple[i
         # and it beats plain SVD on the data, which only minimises the weight error
         pa, pb = svd_spectrum(weight).factors(rank)
         assert error <= ((weight - pa @ pb) @ x.T).pow(2).sum() + 1e-9
+
+
+@pytest.mark.parametrize("width", [64, 600, 1537])
+def test_blocked_products_equal_the_whole_products(width: int) -> None:
+    """From 512 columns on, a symmetric product multiplies only its blocks on and above the
+    diagonal and a product with a Cholesky factor skips its zero blocks (a ragged last block at
+    1,537): the matrices are the one product's, and the symmetric one is exactly symmetric."""
+    torch.manual_seed(0)
+    weight = torch.randn(width, 50, dtype=torch.float64)
+    x = torch.randn(80, 50, dtype=torch.float64)
+    product = symmetric_product(weight @ (x.T @ x), weight)
+    assert torch.equal(product, product.T)
+    assert torch.allclose(product, weight @ (x.T @ x) @ weight.T, rtol=1e-12, atol=1e-10)
+    lower = torch.randn(width, width, dtype=torch.float64).tril()
+    matrix = torch.randn(30, width, dtype=torch.float64)
+    assert torch.allclose(lower_triangular_product(matrix, lower), matrix @ lower, rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(640, 576), (576, 640)], ids=["tall", "wide"])
+def test_whitened_factors_of_blocked_sizes_equal_the_svd_of_w_s(shape: tuple[int, int]) -> None:
+    """At SmolLM2's sizes the products take their blocked routes: A B at a rank is still
+    U_r Σ_r V_rᵀ S⁻¹ from the SVD of W S (torch's SVD, Cholesky's S)."""
+    torch.manual_seed(0)
+    weight = torch.randn(*shape, dtype=torch.float64)
+    x = torch.randn(1500, shape[1], dtype=torch.float64) * torch.logspace(0, -2, shape[1], dtype=torch.float64)
+    gram = x.T @ x
+    spectrum = whitened_spectrum(weight, gram)
+    factor = torch.linalg.cholesky(gram)
+    u, s, vh = torch.linalg.svd(weight @ factor, full_matrices=False)
+    assert torch.allclose(spectrum.s, s, rtol=1e-8)
+    a, b = spectrum.factors(100)
+    reference = (u[:, :100] * s[:100]) @ torch.linalg.solve_triangular(factor, vh[:100], upper=False, left=False)
+    assert torch.allclose(a @ b, reference, atol=1e-9 * reference.abs().max())
 
 
 @pytest.mark.parametrize("output", [False, True], ids=["plain", "fisher-weighted"])

@@ -57,28 +57,34 @@ def _products(x: torch.Tensor, product: Callable[[torch.Tensor], torch.Tensor]) 
 # SYMMETRIC_BLOCKS column blocks are multiplied: 10 of 16 products' work (torch has no symmetric
 # rank-k update). benchmarks/calibration_parts.py: SmolLM2's four input Grams (widths 576 and
 # 1,536) over 8,192 tokens took 0.739 of the one product's time; narrower inputs keep the one product.
+# The decompositions' symmetric products (W XᵀX Wᵀ, MᵀM) take the same route (``upper_product``).
 SYMMETRIC_BLOCKS = 4
 SYMMETRIC_MIN_WIDTH = 512
 
 
-def _upper_gram(block: torch.Tensor) -> torch.Tensor:
-    """blockᵀ block where its upper triangle is concerned: the column blocks on and above the
-    diagonal (the rest is left 0); ``_mirror_`` makes it whole."""
-    width = block.shape[1]
+def upper_product(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """left @ rightᵀ, known to be symmetric, where its upper triangle is concerned: the column
+    blocks on and above the diagonal (the rest is left 0); ``mirror_`` makes it whole. A result
+    narrower than ``SYMMETRIC_MIN_WIDTH`` is one whole product."""
+    width = left.shape[0]
     if width < SYMMETRIC_MIN_WIDTH:
-        return block.T @ block
+        return left @ right.T
     size = -(-width // SYMMETRIC_BLOCKS)
-    out = block.new_zeros(width, width)
+    out = left.new_zeros(width, width)
     for start in range(0, width, size):
-        rows = block[:, start:start + size]
-        torch.mm(rows.T, block[:, start:], out=out[start:start + size, start:])
+        torch.mm(left[start:start + size], right[start:].T, out=out[start:start + size, start:])
     return out
 
 
-MIRROR_BLOCK = 1024  # rows a step of ``_mirror_``: its only temporary is one diagonal block
+def _upper_gram(block: torch.Tensor) -> torch.Tensor:
+    """blockᵀ block where its upper triangle is concerned (``upper_product``)."""
+    return upper_product(block.T, block.T)
 
 
-def _mirror_(matrix: torch.Tensor) -> None:
+MIRROR_BLOCK = 1024  # rows a step of ``mirror_``: its only temporary is one diagonal block
+
+
+def mirror_(matrix: torch.Tensor) -> None:
     """Make ``matrix`` the symmetric matrix its upper triangle holds, in place, a band of rows at
     a time (a Gram of a 28,672-wide input is 6.6 GB in float64: no whole-size temporary)."""
     width = matrix.shape[0]
@@ -118,7 +124,7 @@ class Gram(Statistic):
         if self.sum is None:
             raise RuntimeError("statistic saw no calibration data")
         if not self._whole:
-            _mirror_(self.sum)
+            mirror_(self.sum)
             self._whole = True
         return self.sum
 

@@ -11,6 +11,7 @@ from typing import TypeVar
 
 import torch
 
+from lowrank_kit.calibration.stats import SYMMETRIC_BLOCKS, SYMMETRIC_MIN_WIDTH, mirror_, upper_product
 from lowrank_kit.compressed import modules
 from lowrank_kit.compressed.modules import one_thread_below
 
@@ -116,6 +117,28 @@ def _descending_eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     return vecs, s, torch.where(s > 0, 1.0 / s, torch.zeros_like(s)), bool(evals[-1] <= floor)
 
 
+def symmetric_product(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """left @ rightᵀ when it is symmetric (W XᵀX Wᵀ, M Mᵀ): the blocks above the diagonal
+    only, mirrored (``upper_product``): 10 of 16 products' work from 512 columns on. Every entry
+    is the same float64 sum; only the order BLAS adds it in may differ."""
+    out = upper_product(left, right)
+    mirror_(out)
+    return out
+
+
+def lower_triangular_product(matrix: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
+    """matrix @ lower for a lower-triangular ``lower`` (a Cholesky factor): the zero blocks
+    above its diagonal are skipped, 10 of 16 products' work from 512 columns on."""
+    width = lower.shape[1]
+    if width < SYMMETRIC_MIN_WIDTH:
+        return matrix @ lower
+    size = -(-width // SYMMETRIC_BLOCKS)
+    out = matrix.new_empty(matrix.shape[0], width)
+    for start in range(0, width, size):
+        torch.mm(matrix[:, start:], lower[start:, start:start + size], out=out[:, start:start + size])
+    return out
+
+
 def thin_svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """U, σ (descending), Vᵀ of a float64 matrix, through the eigendecomposition of its smaller Gram.
 
@@ -130,8 +153,8 @@ def thin_svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     """
     rows, cols = m.shape
     if rows <= cols:
-        return _left_spectrum(m @ m.T, m)[:3]
-    vecs, s, inverse, _ = _descending_eigh(m.T @ m)
+        return _left_spectrum(symmetric_product(m, m), m)[:3]
+    vecs, s, inverse, _ = _descending_eigh(symmetric_product(m.T, m.T))
     return (m @ vecs) * inverse, s, vecs.T
 
 
@@ -240,11 +263,11 @@ def whitened_spectrum(weight: torch.Tensor, gram: torch.Tensor,
     target, unweight = (weight, None) if output is None else (output[0] @ weight, output[1])
     if target.shape[0] <= target.shape[1]:
         gram = gram.to(torch.float64)
-        u, s, vh, unresolved = _left_spectrum(target @ gram @ target.T, target)
+        u, s, vh, unresolved = _left_spectrum(symmetric_product(target @ gram, target), target)
         if not unresolved:
             return Spectrum(u, s, vh, unweight=unweight)
     s_factor = shared_whitening(gram)
-    return Spectrum(*thin_svd(target @ s_factor), whitening=s_factor, unweight=unweight)
+    return Spectrum(*thin_svd(lower_triangular_product(target, s_factor)), whitening=s_factor, unweight=unweight)
 
 
 def output_whitened_spectrum(weight: torch.Tensor, output_gram: torch.Tensor,
@@ -272,10 +295,10 @@ def output_whitened_spectrum(weight: torch.Tensor, output_gram: torch.Tensor,
     target, unweight = (weight, None) if output is None else (output[0] @ weight, output[1])
     row_gram = output_gram.to(torch.float64)
     if output is not None:
-        row_gram = output[0] @ row_gram @ output[0].T
+        row_gram = symmetric_product(output[0] @ row_gram, output[0])
     u, s, vh, unresolved = _left_spectrum(row_gram, target)
     if unresolved:
-        rows = target @ target.T
+        rows = symmetric_product(target, target)
         smallest = symmetric_eigh(rows)[0][0].clamp_min(float(rows.trace()) * torch.finfo(rows.dtype).eps)
         eps = 1e-6 * (row_gram.trace() / rows.trace().clamp_min(1e-300)).clamp_min(1e-12)
         shift = (-symmetric_eigh(row_gram)[0][0]).clamp_min(0) / smallest.clamp_min(1e-300) + eps
