@@ -14,7 +14,8 @@ layer on the dense model:
   ``whitened_spectrum`` (no Cholesky factor and no triangular solve for q, k, v, o, down_proj).
   Both give the same factors; the largest difference of A·B is printed. Then ``whitened_spectrum``
   of the seven as svd_llm computes them now (down_proj from its output Gram) one after the other
-  against ``side_by_side`` (one thread each, on every thread).
+  against ``side_by_side`` (one thread each, on every thread); and side by side with the products
+  known symmetric (W XᵀX Wᵀ, MᵀM) or triangular (W S) taken whole against from their blocks.
 - **input Grams** of the layer's four projection inputs (q/k/v's, o's, gate/up's, down's) over
   the calibration tokens: one product XᵀX per block of tokens against the column blocks on and
   above the diagonal only (``SYMMETRIC_BLOCKS``).
@@ -83,16 +84,23 @@ def timed_gram(batches: list[torch.Tensor]) -> float:
     return time.perf_counter() - start
 
 
-def input_grams(activations: dict[str, list[torch.Tensor]], symmetric: bool) -> float:
+@contextlib.contextmanager
+def blocked_products(on: bool):
+    """Products known symmetric or triangular from their blocks (``SYMMETRIC_MIN_WIDTH``), or whole."""
     saved = stats_module.SYMMETRIC_MIN_WIDTH
-    stats_module.SYMMETRIC_MIN_WIDTH = saved if symmetric else 1 << 30
+    stats_module.SYMMETRIC_MIN_WIDTH = saved if on else 1 << 30
     try:
+        yield
+    finally:
+        stats_module.SYMMETRIC_MIN_WIDTH = saved
+
+
+def input_grams(activations: dict[str, list[torch.Tensor]], symmetric: bool) -> float:
+    with blocked_products(symmetric):
         start = time.perf_counter()
         for batches in activations.values():
             gram_of(batches)
         return time.perf_counter() - start
-    finally:
-        stats_module.SYMMETRIC_MIN_WIDTH = saved
 
 
 def cholesky_route(weights: dict[str, torch.Tensor], grams: dict[str, torch.Tensor],
@@ -144,9 +152,10 @@ def main() -> None:
     times: dict[str, list[float]] = {"forward full": [], "forward until filled": [],
                                      "SVD-LLM Cholesky route": [], "SVD-LLM whitened_spectrum": [],
                                      "SVD-LLM one after the other": [], "SVD-LLM side by side": [],
+                                     "SVD-LLM side by side, whole products": [],
                                      "Grams, one product": [], "Grams, upper blocks": [],
                                      "down_proj input Gram": [], "down_proj output Gram": []}
-    largest = largest_down = largest_side = 0.0
+    largest = largest_down = largest_side = largest_blocked = 0.0
     depth = 0
     for layer in layers:
         with torch.no_grad():  # move the inputs on to this layer, dense
@@ -190,6 +199,11 @@ def main() -> None:
             side_s, side = factorise(weights, grams, site, "side by side", ranks, down_output)
             runs["SVD-LLM one after the other"].append(one_s)
             runs["SVD-LLM side by side"].append(side_s)
+            with blocked_products(False):
+                whole_s, whole = factorise(weights, grams, site, "side by side", ranks, down_output)
+            runs["SVD-LLM side by side, whole products"].append(whole_s)
+            largest_blocked = max(largest_blocked, max(float((side[p] - whole[p]).abs().max() / whole[p].abs().max())
+                                                       for p in whole))
             largest_side = max(largest_side, max(float((side[p] - one[p]).abs().max() / one[p].abs().max())
                                                  for p in one))
             runs["Grams, one product"].append(input_grams(activations, symmetric=False))
@@ -208,12 +222,14 @@ def main() -> None:
     for old_key, new_key in (("forward full", "forward until filled"),
                              ("SVD-LLM Cholesky route", "SVD-LLM whitened_spectrum"),
                              ("SVD-LLM one after the other", "SVD-LLM side by side"),
+                             ("SVD-LLM side by side, whole products", "SVD-LLM side by side"),
                              ("Grams, one product", "Grams, upper blocks"),
                              ("down_proj input Gram", "down_proj output Gram")):
         old, new = sum(times[old_key]), sum(times[new_key])
         print(f"| {old_key} → {new_key} | {old:.3f} | {new:.3f} | {new / old:.3f} |")
     print(f"\nlargest difference of A·B between the two routes, relative to its largest entry: {largest:.1e}")
     print(f"the same between one after the other and side by side: {largest_side:.1e}")
+    print(f"the same between whole and blocked symmetric/triangular products: {largest_blocked:.1e}")
     print(f"the same for down_proj's factors from its input Gram and from its output Gram: {largest_down:.1e}")
 
 

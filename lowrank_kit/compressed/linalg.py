@@ -11,7 +11,8 @@ from typing import TypeVar
 
 import torch
 
-from lowrank_kit.calibration.stats import SYMMETRIC_BLOCKS, SYMMETRIC_MIN_WIDTH, mirror_, upper_product
+from lowrank_kit.calibration import stats
+from lowrank_kit.calibration.stats import mirror_, upper_product
 from lowrank_kit.compressed import modules
 from lowrank_kit.compressed.modules import one_thread_below
 
@@ -130,9 +131,9 @@ def lower_triangular_product(matrix: torch.Tensor, lower: torch.Tensor) -> torch
     """matrix @ lower for a lower-triangular ``lower`` (a Cholesky factor): the zero blocks
     above its diagonal are skipped, 10 of 16 products' work from 512 columns on."""
     width = lower.shape[1]
-    if width < SYMMETRIC_MIN_WIDTH:
+    if width < stats.SYMMETRIC_MIN_WIDTH:  # the Grams' setting, read at the call
         return matrix @ lower
-    size = -(-width // SYMMETRIC_BLOCKS)
+    size = -(-width // stats.SYMMETRIC_BLOCKS)
     out = matrix.new_empty(matrix.shape[0], width)
     for start in range(0, width, size):
         torch.mm(matrix[:, start:], lower[start:, start:start + size], out=out[:, start:start + size])
