@@ -41,19 +41,33 @@ def test_whitened_truncation_error_equals_dropped_singular_values(shape: tuple[i
 
 
 @pytest.mark.parametrize("width", [64, 600, 1537])
-def test_blocked_products_equal_the_whole_products(width: int) -> None:
+def test_blocked_products_equal_the_whole_products(monkeypatch: pytest.MonkeyPatch, width: int) -> None:
     """From 512 columns on, a symmetric product multiplies only its blocks on and above the
     diagonal and a product with a Cholesky factor skips its zero blocks (a ragged last block at
-    1,537): the matrices are the one product's, and the symmetric one is exactly symmetric."""
+    1,537): the matrices are the one product's, and the blocked symmetric one is exactly symmetric."""
     torch.manual_seed(0)
+    blocks, original = [], torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *args, **kwargs: blocks.append(1) or original(*args, **kwargs))
     weight = torch.randn(width, 50, dtype=torch.float64)
     x = torch.randn(80, 50, dtype=torch.float64)
     product = symmetric_product(weight @ (x.T @ x), weight)
-    assert torch.equal(product, product.T)
+    assert torch.equal(product, product.T) or width < 512  # mirrored where blocked
     assert torch.allclose(product, weight @ (x.T @ x) @ weight.T, rtol=1e-12, atol=1e-10)
     lower = torch.randn(width, width, dtype=torch.float64).tril()
     matrix = torch.randn(30, width, dtype=torch.float64)
     assert torch.allclose(lower_triangular_product(matrix, lower), matrix @ lower, rtol=1e-12, atol=1e-10)
+    assert len(blocks) == (0 if width < 512 else 8)  # four blocks each where the blocked route applies
+
+
+def test_weights_that_track_gradients_are_factorised_through_whole_products() -> None:
+    """A parameter straight from a module (``requires_grad``) still gets its spectra: blocks are
+    written into a buffer (``out=``), which autograd refuses, so such inputs take the whole product."""
+    torch.manual_seed(0)
+    weight = torch.nn.Linear(576, 600).weight  # tall, 576 columns: every blocked product would apply
+    x = torch.randn(1200, 576)
+    for spectrum in (svd_spectrum(weight), whitened_spectrum(weight, (x.T @ x).double())):
+        a, b = spectrum.factors(576)
+        assert torch.allclose(a @ b, weight.double(), atol=1e-6)
 
 
 @pytest.mark.parametrize("shape", [(640, 576), (576, 640)], ids=["tall", "wide"])

@@ -65,9 +65,9 @@ SYMMETRIC_MIN_WIDTH = 512
 def upper_product(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """left @ rightᵀ, known to be symmetric, where its upper triangle is concerned: the column
     blocks on and above the diagonal (the rest is left 0); ``mirror_`` makes it whole. A result
-    narrower than ``SYMMETRIC_MIN_WIDTH`` is one whole product."""
+    narrower than ``SYMMETRIC_MIN_WIDTH``, or of inputs that track gradients, is one whole product."""
     width = left.shape[0]
-    if width < SYMMETRIC_MIN_WIDTH:
+    if width < SYMMETRIC_MIN_WIDTH or left.requires_grad or right.requires_grad:  # out= takes no autograd
         return left @ right.T
     size = -(-width // SYMMETRIC_BLOCKS)
     out = left.new_zeros(width, width)

@@ -113,25 +113,29 @@ def _descending_eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     """
     evals, vecs = symmetric_eigh(gram)
     evals, vecs = evals.flip(0), vecs.flip(1)
-    floor = float(evals[0].clamp_min(0)) * torch.finfo(evals.dtype).eps
+    floor = float(evals[0].detach().clamp_min(0)) * torch.finfo(evals.dtype).eps
     s = evals.clamp_min(floor).sqrt()
     return vecs, s, torch.where(s > 0, 1.0 / s, torch.zeros_like(s)), bool(evals[-1] <= floor)
 
 
 def symmetric_product(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """left @ rightᵀ when it is symmetric (W XᵀX Wᵀ, M Mᵀ): the blocks above the diagonal
-    only, mirrored (``upper_product``): 10 of 16 products' work from 512 columns on. Every entry
-    is the same float64 sum; only the order BLAS adds it in may differ."""
+    """left @ rightᵀ when it is symmetric (W XᵀX Wᵀ, M Mᵀ): from ``SYMMETRIC_MIN_WIDTH`` (512)
+    columns on, only its column blocks on and above the diagonal are multiplied, and mirrored
+    (``upper_product``, 10 of 16 blocks' work); equal to the whole product up to rounding.
+    Narrower results, and inputs that track gradients, take the whole product."""
+    if left.shape[0] < stats.SYMMETRIC_MIN_WIDTH or left.requires_grad or right.requires_grad:
+        return left @ right.T
     out = upper_product(left, right)
     mirror_(out)
     return out
 
 
 def lower_triangular_product(matrix: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
-    """matrix @ lower for a lower-triangular ``lower`` (a Cholesky factor): the zero blocks
-    above its diagonal are skipped, 10 of 16 products' work from 512 columns on."""
+    """matrix @ lower for a lower-triangular ``lower`` (a Cholesky factor): from
+    ``SYMMETRIC_MIN_WIDTH`` columns on, the zero blocks above its diagonal are skipped (10 of 16
+    blocks' work). Inputs that track gradients take the whole product."""
     width = lower.shape[1]
-    if width < stats.SYMMETRIC_MIN_WIDTH:  # the Grams' setting, read at the call
+    if width < stats.SYMMETRIC_MIN_WIDTH or matrix.requires_grad or lower.requires_grad:
         return matrix @ lower
     size = -(-width // stats.SYMMETRIC_BLOCKS)
     out = matrix.new_empty(matrix.shape[0], width)
