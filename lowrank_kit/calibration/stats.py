@@ -62,12 +62,18 @@ SYMMETRIC_BLOCKS = 4
 SYMMETRIC_MIN_WIDTH = 512
 
 
+def takes_blocks(width: int, *inputs: torch.Tensor) -> bool:
+    """Whether a product ``width`` wide is taken block by block: from ``SYMMETRIC_MIN_WIDTH`` on,
+    and not for inputs that track gradients (blocks are written with ``out=``, which autograd refuses)."""
+    return width >= SYMMETRIC_MIN_WIDTH and not any(t.requires_grad for t in inputs)
+
+
 def upper_product(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """left @ rightᵀ, known to be symmetric, where its upper triangle is concerned: the column
-    blocks on and above the diagonal (the rest is left 0); ``mirror_`` makes it whole. A result
-    narrower than ``SYMMETRIC_MIN_WIDTH``, or of inputs that track gradients, is one whole product."""
+    blocks on and above the diagonal (the rest is left 0); ``mirror_`` makes it whole. Where
+    ``takes_blocks`` says no, one whole product."""
     width = left.shape[0]
-    if width < SYMMETRIC_MIN_WIDTH or left.requires_grad or right.requires_grad:  # out= takes no autograd
+    if not takes_blocks(width, left, right):
         return left @ right.T
     size = -(-width // SYMMETRIC_BLOCKS)
     out = left.new_zeros(width, width)

@@ -12,7 +12,7 @@ from typing import TypeVar
 import torch
 
 from lowrank_kit.calibration import stats
-from lowrank_kit.calibration.stats import mirror_, upper_product
+from lowrank_kit.calibration.stats import mirror_, takes_blocks, upper_product
 from lowrank_kit.compressed import modules
 from lowrank_kit.compressed.modules import one_thread_below
 
@@ -123,7 +123,7 @@ def symmetric_product(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     columns on, only its column blocks on and above the diagonal are multiplied, and mirrored
     (``upper_product``, 10 of 16 blocks' work); equal to the whole product up to rounding.
     Narrower results, and inputs that track gradients, take the whole product."""
-    if left.shape[0] < stats.SYMMETRIC_MIN_WIDTH or left.requires_grad or right.requires_grad:
+    if not takes_blocks(left.shape[0], left, right):
         return left @ right.T
     out = upper_product(left, right)
     mirror_(out)
@@ -135,7 +135,7 @@ def lower_triangular_product(matrix: torch.Tensor, lower: torch.Tensor) -> torch
     ``SYMMETRIC_MIN_WIDTH`` columns on, the zero blocks above its diagonal are skipped (10 of 16
     blocks' work). Inputs that track gradients take the whole product."""
     width = lower.shape[1]
-    if width < stats.SYMMETRIC_MIN_WIDTH or matrix.requires_grad or lower.requires_grad:
+    if not takes_blocks(width, matrix, lower):
         return matrix @ lower
     size = -(-width // stats.SYMMETRIC_BLOCKS)
     out = matrix.new_empty(matrix.shape[0], width)
