@@ -9,16 +9,24 @@ compresses with each recipe (no evaluation), reading the engine's own phase timi
 ratio is a phase's time over the median dense time of the same run, so the shared cores' load
 cancels. ``--profile N`` prints the N operators that take the most time in the score and
 compress phases of the first recipe (torch's profiler, self time), which says where calibration
-time goes. Printed as a Markdown table.
+time goes. ``--phases`` splits each recipe's last compression into its passes: the scoring
+pass, the layer pass's statistics forwards, its compressed forwards (attention and MLP apart:
+what a layer's statistics cannot give) and the transforms, each over the dense forward, which
+says what part of a ratio any change to the decompositions could still remove. Printed as
+Markdown tables.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
+import functools
 import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -27,6 +35,7 @@ import torch
 from lowrank_kit import api
 from lowrank_kit.models.adapters import adapter_for
 from lowrank_kit.models.loading import load_model
+from lowrank_kit.pipeline import passes
 from lowrank_kit.pipeline.engine import calibration_batches
 
 DEFAULT = ["flat_llm", "svd_llm", "flrc_static"]
@@ -71,6 +80,79 @@ def profile(name: str, model: torch.nn.Module, tokenizer: object, folder: str, r
               f"{event.self_cpu_time_total / total:.1%} |")
 
 
+@contextlib.contextmanager
+def phase_clock(model: torch.nn.Module) -> Iterator[dict[str, float]]:
+    """Seconds by phase while a compression runs: the passes' methods are wrapped with a clock,
+    and each layer's attention and MLP with forward hooks (counted only in compressed forwards)."""
+    seconds: dict[str, float] = collections.defaultdict(float)
+    inside: list[str] = []
+    restore: list[Callable[[], None]] = []
+
+    def clock(cls: type, method: str, label: Callable[[object], str]) -> None:
+        original = cls.__dict__[method]
+
+        @functools.wraps(original)
+        def timed(self: object, *args: object, **kwargs: object) -> object:
+            name = label(self)
+            inside.append(name)
+            start = time.perf_counter()
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                seconds[name] += time.perf_counter() - start
+                inside.pop()
+        setattr(cls, method, timed)
+        restore.append(lambda: setattr(cls, method, original))
+
+    def layer_forward(self: object) -> str:
+        return "compressed forwards" if isinstance(self, passes.SequentialPass) else "statistics forwards (dense)"
+
+    clock(passes.ScoringPass, "run", lambda _: "scoring pass")
+    clock(passes.SequentialPass, "gather", lambda _: "layer pass: gather")
+    clock(passes.DenseInputPass, "gather", lambda _: "layer pass: gather")
+    clock(passes.LayerPass, "advance", layer_forward)
+    adapter, handles, started = adapter_for(model), [], {}
+    for index in range(len(adapter.layers)):
+        for part, module in (("attention", adapter.attention(index)), ("MLP", adapter.mlp(index))):
+            def before(_m: object, _a: object, part: str = part) -> None:
+                started[part] = time.perf_counter()
+
+            def after(_m: object, _a: object, _o: object, part: str = part) -> None:
+                if inside and inside[-1] == "compressed forwards":
+                    seconds[f"compressed forwards: {part}"] += time.perf_counter() - started[part]
+            handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+    try:
+        yield seconds
+    finally:
+        for undo in restore:
+            undo()
+        for handle in handles:
+            handle.remove()
+
+
+def print_phases(name: str, timings: dict[str, float], seconds: dict[str, float], forward: float) -> None:
+    """The compression's passes as seconds and multiples of the dense forward."""
+    compressed = seconds.get("compressed forwards", 0.0)
+    gathered = seconds.get("layer pass: gather", 0.0)
+    statistics_forwards = gathered - compressed if gathered else seconds.get("statistics forwards (dense)", 0.0)
+    attention, mlp = seconds.get("compressed forwards: attention", 0.0), seconds.get("compressed forwards: MLP", 0.0)
+    rows = [
+        ("scoring pass", _phase(timings, "score")),
+        ("statistics forwards", statistics_forwards),
+        ("compressed forwards: attention", attention),
+        ("compressed forwards: MLP", mlp),
+        ("compressed forwards: the rest (norms, residuals, moving inputs)", compressed - attention - mlp),
+        ("transforms and the rest of compress", _phase(timings, "compress") - max(gathered, statistics_forwards)),
+    ]
+    print(f"\n### {name}'s passes (one compression; dense forward {forward:.2f} s)\n")
+    print("| phase | s | × dense forward |")
+    print("|---|---:|---:|")
+    for label, value in rows:
+        print(f"| {label} | {value:.2f} | {value / forward:.2f}× |")
+    total = sum(value for _, value in rows)
+    print(f"| **score + compress** | **{total:.2f}** | **{total / forward:.2f}×** |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipes", nargs="*", default=DEFAULT)
@@ -78,12 +160,14 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="print the N costliest operators")
     parser.add_argument("--no-backward", action="store_true",
                         help="skip the forward+backward timings (the unit of Fisher scoring only)")
+    parser.add_argument("--phases", action="store_true", help="split each recipe's last compression by pass")
     args = parser.parse_args()
     first = api.load_recipe(args.recipes[0])
     model, tokenizer = load_model(first.model.path, first.model.gguf_file, first.model.dtype)
     batches = calibration_batches(first.calibration, tokenizer, adapter_for(model).needs_bos)
     tokens = sum(b.numel() for b in batches)
     forward, backward, phases = [], [], {name: [] for name in args.recipes}
+    clocked: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as folder:
         dense_seconds(model, batches[:1], False)  # warm-up
         for _ in range(args.repeats):
@@ -91,7 +175,11 @@ def main() -> None:
                 forward.append(dense_seconds(model, batches, False))
                 if not args.no_backward:
                     backward.append(dense_seconds(model, batches, True))
-                phases[name].append(compress_timings(name, model, tokenizer, folder))
+                last = args.phases and len(phases[name]) == args.repeats - 1
+                with phase_clock(model) if last else contextlib.nullcontext({}) as seconds:
+                    phases[name].append(compress_timings(name, model, tokenizer, folder))
+                if last:
+                    clocked[name] = seconds
         forward.append(dense_seconds(model, batches, False))
         if not args.no_backward:
             backward.append(dense_seconds(model, batches, True))
@@ -108,6 +196,8 @@ def main() -> None:
             work = statistics.median(_phase(r, "score") + _phase(r, "compress") for r in runs)
             per_backward = f"{score / bwd:.2f}×" if bwd else "–"
             print(f"| {name} | {score:.2f} | {work - score:.2f} | {work / fwd:.2f}× | {per_backward} |")
+        for name, seconds in clocked.items():
+            print_phases(name, phases[name][-1], seconds, fwd)
         if args.profile:
             profile(args.recipes[0], model, tokenizer, folder, args.profile)
 
