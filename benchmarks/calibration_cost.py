@@ -104,12 +104,11 @@ def phase_clock(model: torch.nn.Module) -> Iterator[dict[str, float]]:
         setattr(cls, method, timed)
         restore.append(lambda: setattr(cls, method, original))
 
-    def layer_forward(self: object) -> str:
-        return "compressed forwards" if isinstance(self, passes.SequentialPass) else "statistics forwards (dense)"
+    def layer_forward(self: object) -> str:  # a dense-input pass's are its statistics forwards, inside its gather
+        return "compressed forwards" if isinstance(self, passes.SequentialPass) else "dense layer forwards"
 
-    clock(passes.ScoringPass, "run", lambda _: "scoring pass")
-    clock(passes.SequentialPass, "gather", lambda _: "layer pass: gather")
-    clock(passes.DenseInputPass, "gather", lambda _: "layer pass: gather")
+    for cls in (passes.SequentialPass, passes.DenseInputPass):
+        clock(cls, "gather", lambda _: "layer pass: gather")
     clock(passes.LayerPass, "advance", layer_forward)
     adapter, handles, started = adapter_for(model), [], {}
     for index in range(len(adapter.layers)):
@@ -134,7 +133,7 @@ def print_phases(name: str, timings: dict[str, float], seconds: dict[str, float]
     """The compression's passes as seconds and multiples of the dense forward."""
     compressed = seconds.get("compressed forwards", 0.0)
     gathered = seconds.get("layer pass: gather", 0.0)
-    statistics_forwards = gathered - compressed if gathered else seconds.get("statistics forwards (dense)", 0.0)
+    statistics_forwards = gathered - compressed  # a sequential pass's gather also moves its inputs on
     attention, mlp = seconds.get("compressed forwards: attention", 0.0), seconds.get("compressed forwards: MLP", 0.0)
     rows = [
         ("scoring pass", _phase(timings, "score")),
@@ -142,7 +141,7 @@ def print_phases(name: str, timings: dict[str, float], seconds: dict[str, float]
         ("compressed forwards: attention", attention),
         ("compressed forwards: MLP", mlp),
         ("compressed forwards: the rest (norms, residuals, moving inputs)", compressed - attention - mlp),
-        ("transforms and the rest of compress", _phase(timings, "compress") - max(gathered, statistics_forwards)),
+        ("transforms and the rest of compress", _phase(timings, "compress") - gathered),
     ]
     print(f"\n### {name}'s passes (one compression; dense forward {forward:.2f} s)\n")
     print("| phase | s | × dense forward |")
